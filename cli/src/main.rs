@@ -1,0 +1,2 @@
+//! pkgmesh-cli: the `pkgmesh` binary.
+fn main() {}
