@@ -1,2 +1,64 @@
-//! pkgmesh-cli: the `pkgmesh` binary.
-fn main() {}
+//! pkgmesh-cli: the `pkgmesh` binary, the one tool operators, scripts and daemons start from.
+//!
+//! Owns: arguments (clap), human tables and `--json` output, exit codes (0 success, 1 a failure
+//! it explains, 2 bad usage), progress display, and turning library errors into messages that
+//! say what to do. Does not own: any rule or service; those live in `pkgmesh-protocol`,
+//! `pkgmesh-cache` and `pkgmesh-node`.
+
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "pkgmesh",
+    version,
+    about = "Peer-to-peer distribution of AWS Systems Manager Distributor packages",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a Distributor manifest, or pick the file a platform would install.
+    #[command(subcommand)]
+    Manifest(commands::manifest::ManifestCommand),
+    /// Print the platform name, version and architecture this machine reports.
+    Platform(commands::platform::PlatformArgs),
+    /// Blob addressing: the BLAKE3 identity and chunk layout of a file.
+    #[command(subcommand)]
+    Blob(commands::blob::BlobCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Manifest(command) => commands::manifest::run(command),
+        Command::Platform(args) => commands::platform::run(args),
+        Command::Blob(command) => commands::blob::run(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr so that stdout stays clean for `--json`; `RUST_LOG` filters them.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -184,7 +184,9 @@ impl ChunkHashes {
     /// Same as [`ChunkHashes::verify`] for the packed form that travels and is stored.
     pub fn verify_packed(id: BlobId, size: u64, packed: &[u8]) -> Result<Self, BlobError> {
         let layout = ChunkLayout::for_size(size)?;
-        if packed.len() % 32 != 0 || packed.len() as u64 / 32 != layout.chunk_count() as u64 {
+        if !packed.len().is_multiple_of(32)
+            || packed.len() as u64 / 32 != layout.chunk_count() as u64
+        {
             return Err(BlobError::HashCountMismatch {
                 id,
                 expected: layout.chunk_count(),
@@ -451,7 +453,19 @@ mod tests {
     #[test]
     fn blob_id_is_plain_blake3_of_the_file_for_every_shape_of_tree() {
         let c = MIN_CHUNK_SIZE as usize;
-        for len in [0, 1, 1023, 1024, c - 1, c, c + 1, 2 * c, 3 * c - 7, 5 * c, 7 * c + 1] {
+        for len in [
+            0,
+            1,
+            1023,
+            1024,
+            c - 1,
+            c,
+            c + 1,
+            2 * c,
+            3 * c - 7,
+            5 * c,
+            7 * c + 1,
+        ] {
             let bytes = data(len, 7);
             let hashes = hash_all(&bytes);
             assert_eq!(hashes.id().0, *blake3::hash(&bytes).as_bytes(), "len {len}");
@@ -464,16 +478,31 @@ mod tests {
 
     #[test]
     fn layout_keeps_chunks_a_power_of_two_and_counts_bounded() {
-        for size in [0u64, 1, 1 << 20, 100 << 20, 1 << 30, 4 << 30, 100 << 30, MAX_BLOB_SIZE] {
+        for size in [
+            0u64,
+            1,
+            1 << 20,
+            100 << 20,
+            1 << 30,
+            4 << 30,
+            100 << 30,
+            MAX_BLOB_SIZE,
+        ] {
             let layout = ChunkLayout::for_size(size).unwrap();
             assert!(layout.chunk_size().is_power_of_two());
             assert!(layout.chunk_size() >= MIN_CHUNK_SIZE);
             assert!(layout.chunk_count() as u64 <= TARGET_MAX_CHUNKS.max(MAX_CHUNKS as u64));
             if size <= TARGET_MAX_CHUNKS * MAX_CHUNK_SIZE as u64 {
-                assert!(layout.chunk_count() as u64 <= TARGET_MAX_CHUNKS, "size {size}");
+                assert!(
+                    layout.chunk_count() as u64 <= TARGET_MAX_CHUNKS,
+                    "size {size}"
+                );
             }
         }
-        assert_eq!(ChunkLayout::for_size(1 << 30).unwrap().chunk_size(), 512 * 1024);
+        assert_eq!(
+            ChunkLayout::for_size(1 << 30).unwrap().chunk_size(),
+            512 * 1024
+        );
         assert!(matches!(
             ChunkLayout::for_size(MAX_BLOB_SIZE + 1),
             Err(BlobError::TooLarge { .. })

@@ -1,0 +1,102 @@
+//! `pkgmesh blob hash FILE`: the identity a file would have in the mesh.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use pkgmesh_protocol::blob::{BlobHasher, HASH_BUFFER};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::output::{human_bytes, print_json};
+
+#[derive(Subcommand)]
+pub enum BlobCommand {
+    /// Print a file's blob id (BLAKE3), size, chunk size and chunk count.
+    Hash(HashArgs),
+}
+
+#[derive(Args)]
+pub struct HashArgs {
+    /// The file to hash; it is streamed, so any size works in constant memory.
+    file: PathBuf,
+    /// Also compute the SHA-256 that a Distributor manifest records (slower: it runs over the same bytes).
+    #[arg(long)]
+    sha256: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct HashReport {
+    file: String,
+    blob: String,
+    size: u64,
+    chunk_size: u32,
+    chunks: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+}
+
+pub fn run(command: BlobCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        BlobCommand::Hash(args) => hash(args),
+    }
+}
+
+fn hash(args: HashArgs) -> anyhow::Result<ExitCode> {
+    let mut file =
+        File::open(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+    let size = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", args.file.display()))?
+        .len();
+    let mut hasher = BlobHasher::new(size)?;
+    let mut sha = args.sha256.then(Sha256::new);
+    let mut buffer = vec![0u8; HASH_BUFFER];
+    loop {
+        let n = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", args.file.display())),
+        };
+        hasher.update(&buffer[..n]);
+        if let Some(sha) = sha.as_mut() {
+            sha.update(&buffer[..n]);
+        }
+    }
+    let hashes = hasher
+        .finish()
+        .with_context(|| format!("{} changed while it was hashed", args.file.display()))?;
+    let layout = hashes.layout();
+    let report = HashReport {
+        file: args.file.display().to_string(),
+        blob: hashes.id().to_hex(),
+        size,
+        chunk_size: layout.chunk_size(),
+        chunks: layout.chunk_count(),
+        sha256: sha.map(|sha| hex::encode(sha.finalize())),
+    };
+    if args.json {
+        print_json(&report)?;
+    } else {
+        println!("file        {}", report.file);
+        println!("blob        {}", report.blob);
+        println!("size        {} ({})", report.size, human_bytes(report.size));
+        println!(
+            "chunk size  {} ({})",
+            report.chunk_size,
+            human_bytes(report.chunk_size as u64)
+        );
+        println!("chunks      {}", report.chunks);
+        if let Some(sha) = &report.sha256 {
+            println!("sha256      {sha}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

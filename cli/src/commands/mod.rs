@@ -1,0 +1,5 @@
+//! One module per command group; each exposes its clap arguments and a `run` function.
+
+pub mod blob;
+pub mod manifest;
+pub mod platform;
