@@ -34,6 +34,8 @@ enum Command {
     /// Blob addressing: the BLAKE3 identity and chunk layout of a file.
     #[command(subcommand)]
     Blob(commands::blob::BlobCommand),
+    /// Show pkgmesh working end to end on this machine, with no set-up.
+    Demo(commands::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Manifest(command) => commands::manifest::run(command),
         Command::Platform(args) => commands::platform::run(args),
         Command::Blob(command) => commands::blob::run(command),
+        Command::Demo(args) => commands::demo::run(args),
     };
     match result {
         Ok(code) => code,

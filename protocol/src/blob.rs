@@ -416,22 +416,60 @@ pub enum HashStreamError {
 
 /// Buffer for streaming reads: large enough for BLAKE3's SIMD paths, small enough to be noise.
 pub const HASH_BUFFER: usize = 256 * 1024;
+/// Buffers in flight between the reading thread and the hashing thread.
+const HASH_PIPELINE_DEPTH: usize = 4;
 
 /// Hashes `size` bytes from `reader` in constant memory.
-pub fn hash_reader(reader: impl Read, size: u64) -> Result<ChunkHashes, HashStreamError> {
+pub fn hash_reader(reader: impl Read + Send, size: u64) -> Result<ChunkHashes, HashStreamError> {
+    hash_reader_with(reader, size, |_| {})
+}
+
+/// Hashes `size` bytes from `reader` in constant memory, handing every piece to `also` as
+/// well (a SHA-256, a copy to disk). Reading runs on its own thread so that the copy out of the
+/// page cache overlaps with hashing, which then runs at BLAKE3's single-thread speed.
+pub fn hash_reader_with(
+    reader: impl Read + Send,
+    size: u64,
+    mut also: impl FnMut(&[u8]),
+) -> Result<ChunkHashes, HashStreamError> {
     let mut hasher = BlobHasher::new(size)?;
-    let mut buffer = vec![0u8; HASH_BUFFER];
-    // One byte past the size is read on purpose, so a stream that grew is caught.
-    let mut limited = reader.take(size.saturating_add(1));
-    loop {
-        let n = match limited.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        };
-        hasher.update(&buffer[..n]);
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(HASH_PIPELINE_DEPTH);
+    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_PIPELINE_DEPTH);
+    for _ in 0..HASH_PIPELINE_DEPTH {
+        // Cannot fail: the channel has room for every buffer and its receiver is alive.
+        let _ = empty_tx.send(vec![0u8; HASH_BUFFER]);
     }
+    let read_result = std::thread::scope(|scope| {
+        let reading = scope.spawn(move || -> io::Result<()> {
+            // One byte past the size is read on purpose, so a stream that grew is caught.
+            let mut limited = reader.take(size.saturating_add(1));
+            while let Ok(mut buffer) = empty_rx.recv() {
+                let n = loop {
+                    match limited.read(&mut buffer) {
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    }
+                };
+                if n == 0 || full_tx.send((buffer, n)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        while let Ok((buffer, n)) = full_rx.recv() {
+            hasher.update(&buffer[..n]);
+            also(&buffer[..n]);
+            // The reader may already be done while full buffers are still queued here: a
+            // failed hand-back must not end this loop.
+            let _ = empty_tx.send(buffer);
+        }
+        drop(empty_tx);
+        reading
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the reading thread panicked")))
+    });
+    read_result?;
     Ok(hasher.finish()?)
 }
 
@@ -590,6 +628,52 @@ mod tests {
         assert!(matches!(
             hash_reader(&bytes[..], 1001),
             Err(HashStreamError::Blob(BlobError::SizeMismatch { .. }))
+        ));
+    }
+
+    /// Hands out at most `step` bytes per read, like a socket or a pipe.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(out.len()).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_reading_thread_hands_over_every_byte_in_order() {
+        let bytes = data(3 * HASH_BUFFER * HASH_PIPELINE_DEPTH + 12345, 9);
+        let expected = *blake3::hash(&bytes).as_bytes();
+        for step in [HASH_BUFFER, 4096, 100_003, 7] {
+            for _ in 0..(if step < 100 { 1 } else { 10 }) {
+                let mut copy = Vec::new();
+                let reader = Trickle { data: &bytes, step };
+                let hashes =
+                    hash_reader_with(reader, bytes.len() as u64, |b| copy.extend_from_slice(b))
+                        .unwrap();
+                assert_eq!(hashes.id().0, expected, "step {step}");
+                assert!(copy == bytes, "step {step}: the side copy differs");
+            }
+        }
+    }
+
+    #[test]
+    fn a_failing_reader_is_an_error_not_a_hash() {
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk on fire"))
+            }
+        }
+        assert!(matches!(
+            hash_reader(Broken, 10),
+            Err(HashStreamError::Io(e)) if e.to_string().contains("disk on fire")
         ));
     }
 

@@ -82,3 +82,21 @@ fn bad_usage_exits_2() {
         Some(2)
     );
 }
+
+#[test]
+fn demo_selects_verifies_and_refuses_a_tampered_chunk() {
+    let output = run_pkgmesh(["demo", "--json"]);
+    assert!(output.status.success(), "{output:?}");
+    let report = stdout_json(&output);
+    assert_eq!(report["chunks_verified"], report["chunks"]);
+    assert_eq!(report["tampered_chunk_refused"], true);
+    let rows = report["selections"].as_array().unwrap();
+    let file_for = |platform: &str| {
+        rows.iter()
+            .find(|r| r["platform"] == platform)
+            .map(|r| r["file"].clone())
+            .unwrap()
+    };
+    assert_eq!(file_for("windows"), "sample-windows.zip");
+    assert_eq!(file_for("debian"), serde_json::Value::Null);
+}

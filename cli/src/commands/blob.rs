@@ -1,13 +1,12 @@
 //! `pkgmesh blob hash FILE`: the identity a file would have in the mesh.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use pkgmesh_protocol::blob::{BlobHasher, HASH_BUFFER};
+use pkgmesh_protocol::blob::hash_reader_with;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -55,24 +54,13 @@ fn hash(args: HashArgs) -> anyhow::Result<ExitCode> {
         .metadata()
         .with_context(|| format!("cannot stat {}", args.file.display()))?
         .len();
-    let mut hasher = BlobHasher::new(size)?;
     let mut sha = args.sha256.then(Sha256::new);
-    let mut buffer = vec![0u8; HASH_BUFFER];
-    loop {
-        let n = match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).with_context(|| format!("reading {}", args.file.display())),
-        };
-        hasher.update(&buffer[..n]);
+    let hashes = hash_reader_with(&mut file, size, |bytes| {
         if let Some(sha) = sha.as_mut() {
-            sha.update(&buffer[..n]);
+            sha.update(bytes);
         }
-    }
-    let hashes = hasher
-        .finish()
-        .with_context(|| format!("{} changed while it was hashed", args.file.display()))?;
+    })
+    .with_context(|| format!("hashing {}", args.file.display()))?;
     let layout = hashes.layout();
     let report = HashReport {
         file: args.file.display().to_string(),
