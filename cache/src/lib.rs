@@ -1,4 +1,124 @@
 //! pkgmesh-cache: the on-disk, content-addressed chunk store every node and the seed keep.
 //!
-//! Owns: chunk files on disk, their index, the byte budget, eviction and pins.
-//! Does not own: networking, deciding which chunks to fetch, or what a blob means to a package.
+//! **Owns**: chunk files on disk, their index, the byte budget, LRU eviction, pins,
+//! verification at rest, and the operator's view of all that ([`BlobInfo`], [`CacheStats`],
+//! [`VerifyReport`]). **Does not own**: networking, deciding which chunks to fetch or from whom,
+//! what a blob means to a package, or blob addressing itself (that is
+//! `pkgmesh_protocol::blob`: ids, layouts, chunk-hash lists and their verification).
+//!
+//! # Layout on disk
+//!
+//! ```text
+//! <dir>/index.redb                     redb: blob hash lists, pins, one row per chunk held
+//! <dir>/chunks/<hh>/<64 hex id>/<i>    chunk i of a blob, raw bytes (hh = first two hex digits)
+//! <dir>/tmp/<pid>-<n>.part             writes in progress; same filesystem, so rename is atomic
+//! ```
+//!
+//! # What is true after a crash
+//!
+//! The chunk files are the truth for *which chunks exist*; the index is the truth for *which
+//! blobs are registered and pinned*.
+//!
+//! - A chunk becomes visible only by `rename(tmp → chunks/…)` after its bytes were verified
+//!   against the blob's chunk hash and fsynced, and `put` returns only after the directory is
+//!   fsynced too. So every file under `chunks/` holds verified bytes, and an acknowledged chunk
+//!   is on disk whatever happens next. A crash before the rename leaves only a temp file,
+//!   which `open` deletes.
+//! - Blob registrations (hash lists) and pins are committed to redb with immediate durability
+//!   before the call returns: without its hash list a chunk could not be verified again.
+//! - Chunk rows are committed with relaxed durability and made durable in batches (every 512
+//!   puts, 256 MiB or 2 s), so `put` costs hashing plus one fsync of data and one of a directory,
+//!   not an index fsync. A crash can lose the most recent rows; `open` then finds chunk files
+//!   without rows, re-verifies them and adopts them (or deletes them if they fail). Rows whose
+//!   file is gone are dropped. Files with rows are trusted without re-hashing, which keeps
+//!   `open` to a readdir walk (no stat, no hashing): well under a second for 100,000 chunks.
+//! - Reads verify every chunk before (or, streaming, as) it is handed out, so rot after the fact
+//!   is caught at use: the chunk is dropped and reported as a miss.
+//! - If the index file fails while running (say the disk filled up under a commit; redb then
+//!   refuses that handle), the store keeps serving from memory and rebuilds the index file from
+//!   memory once it can. Chunk puts do not fail on index trouble, since their file is durable.
+//!
+//! # Budget, LRU and pins
+//!
+//! `budget_bytes` bounds chunk bytes on disk plus bytes reserved by writes in progress, so it
+//! is never exceeded, not even transiently. A write reserves its chunk's length first, evicting
+//! least-recently-used chunks (the `lru` crate, chunk granularity; puts and reads count as use)
+//! that are unpinned and not open in a reader or writer. Chunks of pinned blobs are kept out of
+//! the LRU altogether; when a blob's last pin goes, its chunks re-enter as most recently used.
+//! If nothing evictable is left, the write fails with "cache full of pinned data" (or "full of
+//! data in use"). Registrations and the index are not counted: they are a few bytes per chunk.
+//! Recency is saved in the index (a logical tick per chunk), so LRU order survives restarts.
+//!
+//! # Memory
+//!
+//! Nothing holds a whole blob: writes and reads stream in at most 256 KiB buffers (except
+//! [`ChunkStore::get_chunk`], which by its contract returns one whole chunk), imports spool
+//! chunk by chunk, and per-blob state is a bitfield and the chunk-hash list (32 bytes a chunk).
+//!
+//! # Importing
+//!
+//! [`ChunkStore::import_reader`] reads its stream once: each chunk is spooled into its own temp
+//! file while the whole stream is hashed; when the stream ends the id is known, the hash list
+//! is registered and the spooled chunks are renamed into place. The installed bytes are the very
+//! bytes hashed, so they verify by construction. A file path ([`ChunkStore::import_file`]) goes
+//! the same way: one read of the file, no second pass.
+//!
+//! # Concurrency
+//!
+//! [`ChunkStore`] is `Clone + Send + Sync` with an `Arc` inside. Methods block on disk I/O;
+//! async callers use `spawn_blocking`. One mutex guards the in-memory state and is never held
+//! across hashing or data I/O (only across unlinks of evicted files); a second serializes
+//! registry changes (register, pin, unpin, evict_blob) with their durable index commits. The
+//! index's exclusive file lock keeps a second process out of the same directory.
+
+mod bitfield;
+mod error;
+mod index;
+mod io;
+mod store;
+
+pub use bitfield::{Bitfield, BitfieldError};
+pub use error::CacheError;
+pub use io::{BlobReader, ChunkReader, ChunkWriter};
+pub use store::{
+    BlobInfo, CacheConfig, CacheStats, ChunkStore, RottedChunk, VerifyReport, MAX_PIN_REASON,
+};
+
+/// Serializes blob ids as 64 hex digits in operator-facing output.
+pub mod hex_id {
+    use pkgmesh_protocol::blob::BlobId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &BlobId, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&id.to_hex())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BlobId, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+
+    /// The same for a list of ids.
+    pub mod list {
+        use pkgmesh_protocol::blob::BlobId;
+        use serde::ser::SerializeSeq;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(ids: &[BlobId], serializer: S) -> Result<S::Ok, S::Error> {
+            let mut seq = serializer.serialize_seq(Some(ids.len()))?;
+            for id in ids {
+                seq.serialize_element(&id.to_hex())?;
+            }
+            seq.end()
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Vec<BlobId>, D::Error> {
+            Vec::<String>::deserialize(deserializer)?
+                .iter()
+                .map(|text| text.parse().map_err(serde::de::Error::custom))
+                .collect()
+        }
+    }
+}

@@ -15,6 +15,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::bitfield::Bitfield;
 use crate::blob::BlobId;
 
 /// ALPN protocol id of pkgmesh over QUIC.
@@ -80,10 +81,92 @@ pub enum Request {
         blob: BlobId,
         size: u64,
     },
-    /// One chunk's bytes.
+    /// One chunk's bytes. To the seed, `after_peer_failure` says the asker tried the peers the
+    /// seed pointed it to and they failed, so origin admission lets the request through.
     GetChunk {
         blob: BlobId,
         index: u32,
+        after_peer_failure: bool,
+    },
+    /// A package version's manifest and the blob of every file (role node, or any operator role).
+    GetManifest {
+        name: String,
+        /// `None` asks for the default version.
+        version: Option<String>,
+    },
+    /// Publish a version (role publisher). The seed answers [`Response::PublishReady`] naming
+    /// the files it still needs; the caller then sends exactly those files' bytes, in that order,
+    /// on the same stream, and the seed answers [`Response::Published`].
+    Publish(PublishRequest),
+    ListPackages,
+    SetDefault {
+        name: String,
+        version: String,
+    },
+    DeletePackage {
+        name: String,
+        /// `None` deletes every version.
+        version: Option<String>,
+        force: bool,
+    },
+    /// A node tells the tracker where it listens and which chunks it holds (role node).
+    Announce(Announcement),
+    /// Peers holding chunks of a blob, same-site first (role node).
+    GetPeers {
+        blob: BlobId,
+        size: u64,
+        max: u32,
+    },
+    /// Which nodes hold a blob, or the blobs of a package version (role operator).
+    Where(WhereQuery),
+    /// Audit records (role admin), oldest first, from `since` (unix seconds).
+    Audit {
+        since: Option<u64>,
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishRequest {
+    pub name: String,
+    /// The manifest exactly as the publisher wrote it; the seed validates it again.
+    pub manifest_json: String,
+    pub files: Vec<PublishFile>,
+}
+
+/// What the publisher computed for one ZIP; the seed recomputes all of it from the bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishFile {
+    pub file: String,
+    pub size: u64,
+    pub sha256: [u8; 32],
+    pub blob: BlobId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// The address other nodes dial, as the node sees it (`ip:port`).
+    pub listen: String,
+    pub site: String,
+    pub tags: Vec<(String, String)>,
+    /// `true` replaces everything the tracker knew of this node; `false` updates the blobs named.
+    pub full: bool,
+    pub holdings: Vec<Holding>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    pub blob: BlobId,
+    pub size: u64,
+    pub chunks: Bitfield,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WhereQuery {
+    Blob(BlobId),
+    Package {
+        name: String,
+        version: Option<String>,
     },
 }
 
@@ -106,6 +189,96 @@ pub enum Response {
         index: u32,
         len: u32,
     },
+    /// Origin admission: these peers hold the chunk (or soon will); ask them first.
+    TryPeers {
+        blob: BlobId,
+        index: u32,
+        peers: Vec<PeerInfo>,
+    },
+    Manifest(ManifestReply),
+    PublishReady {
+        upload: Vec<String>,
+    },
+    Published(PublishOutcome),
+    Packages(Vec<PackageSummary>),
+    Done {
+        message: String,
+    },
+    Announced {
+        refresh_secs: u32,
+    },
+    Peers(Vec<PeerInfo>),
+    Holders(Vec<HolderInfo>),
+    AuditRecords(Vec<AuditRecord>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestReply {
+    pub name: String,
+    pub version: String,
+    pub is_default: bool,
+    pub manifest_json: String,
+    pub files: Vec<FileBlob>,
+    /// Unix seconds.
+    pub published_at: u64,
+    pub published_by: String,
+}
+
+/// A manifest file as the mesh knows it: the blob to fetch and the checksum to install.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileBlob {
+    pub file: String,
+    pub blob: BlobId,
+    pub size: u64,
+    pub sha256: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishOutcome {
+    pub name: String,
+    pub version: String,
+    /// `true` when this exact version was already published: nothing changed.
+    pub unchanged: bool,
+    pub files_uploaded: u32,
+    pub bytes_uploaded: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageSummary {
+    pub name: String,
+    pub default_version: Option<String>,
+    /// Oldest first.
+    pub versions: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub node: String,
+    pub listen: String,
+    pub site: String,
+    pub chunks: Option<Bitfield>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderInfo {
+    pub node: String,
+    pub listen: String,
+    pub site: String,
+    pub blob: BlobId,
+    pub chunks_held: u32,
+    pub chunks_total: u32,
+    pub last_seen_secs_ago: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Unix seconds.
+    pub time: u64,
+    pub caller: String,
+    pub roles: Vec<String>,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,14 +413,114 @@ mod tests {
         ]
     }
 
+    fn text() -> impl Strategy<Value = String> {
+        ".{0,24}"
+    }
+
+    fn bitfield() -> impl Strategy<Value = Bitfield> {
+        (0u32..300, any::<u64>()).prop_map(|(len, seed)| {
+            let mut field = Bitfield::new(len).unwrap();
+            for i in 0..len {
+                if (seed.rotate_left(i % 64) ^ i as u64) & 1 == 1 {
+                    field.set(i, true);
+                }
+            }
+            field
+        })
+    }
+
+    fn publish_file() -> impl Strategy<Value = PublishFile> {
+        (text(), any::<u64>(), any::<[u8; 32]>(), blob_id()).prop_map(
+            |(file, size, sha256, blob)| PublishFile {
+                file,
+                size,
+                sha256,
+                blob,
+            },
+        )
+    }
+
+    fn holding() -> impl Strategy<Value = Holding> {
+        (blob_id(), any::<u64>(), bitfield()).prop_map(|(blob, size, chunks)| Holding {
+            blob,
+            size,
+            chunks,
+        })
+    }
+
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
             hello().prop_map(Request::Hello),
             any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
             (blob_id(), any::<u64>())
                 .prop_map(|(blob, size)| Request::GetChunkHashes { blob, size }),
-            (blob_id(), any::<u32>()).prop_map(|(blob, index)| Request::GetChunk { blob, index }),
+            (blob_id(), any::<u32>(), any::<bool>()).prop_map(
+                |(blob, index, after_peer_failure)| {
+                    Request::GetChunk {
+                        blob,
+                        index,
+                        after_peer_failure,
+                    }
+                }
+            ),
+            (text(), proptest::option::of(text()))
+                .prop_map(|(name, version)| Request::GetManifest { name, version }),
+            (
+                text(),
+                ".{0,200}",
+                proptest::collection::vec(publish_file(), 0..4)
+            )
+                .prop_map(|(name, manifest_json, files)| Request::Publish(
+                    PublishRequest {
+                        name,
+                        manifest_json,
+                        files
+                    }
+                )),
+            Just(Request::ListPackages),
+            (text(), text()).prop_map(|(name, version)| Request::SetDefault { name, version }),
+            (text(), proptest::option::of(text()), any::<bool>()).prop_map(
+                |(name, version, force)| Request::DeletePackage {
+                    name,
+                    version,
+                    force
+                }
+            ),
+            (
+                text(),
+                text(),
+                proptest::collection::vec((text(), text()), 0..3),
+                any::<bool>(),
+                proptest::collection::vec(holding(), 0..3)
+            )
+                .prop_map(|(listen, site, tags, full, holdings)| {
+                    Request::Announce(Announcement {
+                        listen,
+                        site,
+                        tags,
+                        full,
+                        holdings,
+                    })
+                }),
+            (blob_id(), any::<u64>(), any::<u32>())
+                .prop_map(|(blob, size, max)| Request::GetPeers { blob, size, max }),
+            blob_id().prop_map(|blob| Request::Where(WhereQuery::Blob(blob))),
+            (text(), proptest::option::of(text()))
+                .prop_map(|(name, version)| Request::Where(WhereQuery::Package { name, version })),
+            (proptest::option::of(any::<u64>()), any::<u32>())
+                .prop_map(|(since, limit)| Request::Audit { since, limit }),
         ]
+    }
+
+    fn peer_info() -> impl Strategy<Value = PeerInfo> {
+        (text(), text(), text(), proptest::option::of(bitfield())).prop_map(
+            |(node, listen, site, chunks)| PeerInfo {
+                node,
+                listen,
+                site,
+                chunks,
+            },
+        )
     }
 
     fn response() -> impl Strategy<Value = Response> {
@@ -260,6 +533,137 @@ mod tests {
                 .prop_map(|(blob, packed)| Response::ChunkHashes { blob, packed }),
             (blob_id(), any::<u32>(), any::<u32>())
                 .prop_map(|(blob, index, len)| Response::Chunk { blob, index, len }),
+            (
+                blob_id(),
+                any::<u32>(),
+                proptest::collection::vec(peer_info(), 0..4)
+            )
+                .prop_map(|(blob, index, peers)| Response::TryPeers {
+                    blob,
+                    index,
+                    peers
+                }),
+            (
+                text(),
+                text(),
+                any::<bool>(),
+                ".{0,200}",
+                proptest::collection::vec(publish_file(), 0..3),
+                any::<u64>(),
+                text()
+            )
+                .prop_map(
+                    |(
+                        name,
+                        version,
+                        is_default,
+                        manifest_json,
+                        files,
+                        published_at,
+                        published_by,
+                    )| {
+                        Response::Manifest(ManifestReply {
+                            name,
+                            version,
+                            is_default,
+                            manifest_json,
+                            files: files
+                                .into_iter()
+                                .map(|f| FileBlob {
+                                    file: f.file,
+                                    blob: f.blob,
+                                    size: f.size,
+                                    sha256: f.sha256,
+                                })
+                                .collect(),
+                            published_at,
+                            published_by,
+                        })
+                    }
+                ),
+            proptest::collection::vec(text(), 0..4)
+                .prop_map(|upload| Response::PublishReady { upload }),
+            (text(), text(), any::<bool>(), any::<u32>(), any::<u64>()).prop_map(
+                |(name, version, unchanged, files_uploaded, bytes_uploaded)| {
+                    Response::Published(PublishOutcome {
+                        name,
+                        version,
+                        unchanged,
+                        files_uploaded,
+                        bytes_uploaded,
+                    })
+                }
+            ),
+            proptest::collection::vec(
+                (
+                    text(),
+                    proptest::option::of(text()),
+                    proptest::collection::vec(text(), 0..3)
+                ),
+                0..3
+            )
+            .prop_map(|list| Response::Packages(
+                list.into_iter()
+                    .map(|(name, default_version, versions)| PackageSummary {
+                        name,
+                        default_version,
+                        versions
+                    })
+                    .collect()
+            )),
+            text().prop_map(|message| Response::Done { message }),
+            any::<u32>().prop_map(|refresh_secs| Response::Announced { refresh_secs }),
+            proptest::collection::vec(peer_info(), 0..4).prop_map(Response::Peers),
+            proptest::collection::vec(
+                (
+                    text(),
+                    text(),
+                    text(),
+                    blob_id(),
+                    any::<u32>(),
+                    any::<u32>(),
+                    any::<u64>()
+                ),
+                0..3
+            )
+            .prop_map(|list| Response::Holders(
+                list.into_iter()
+                    .map(|(node, listen, site, blob, held, total, ago)| HolderInfo {
+                        node,
+                        listen,
+                        site,
+                        blob,
+                        chunks_held: held,
+                        chunks_total: total,
+                        last_seen_secs_ago: ago
+                    })
+                    .collect()
+            )),
+            proptest::collection::vec(
+                (
+                    any::<u64>(),
+                    text(),
+                    proptest::collection::vec(text(), 0..3),
+                    text(),
+                    text(),
+                    text()
+                ),
+                0..3
+            )
+            .prop_map(|list| Response::AuditRecords(
+                list.into_iter()
+                    .map(
+                        |(time, caller, roles, action, target, outcome)| AuditRecord {
+                            time,
+                            caller,
+                            roles,
+                            action,
+                            target,
+                            outcome
+                        }
+                    )
+                    .collect()
+            )),
         ]
     }
 

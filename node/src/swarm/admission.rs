@@ -1,0 +1,254 @@
+//! Origin admission: the seed serves a chunk only when no peer can.
+//!
+//! As BitTorrent's super-seeding, the seed answers a chunk request with "get it from these
+//! peers" when a peer already holds that chunk, or when the seed sent it recently to a peer that
+//! will soon hold it. A request that says it tried those peers and failed is served. Peers in
+//! the asker's site come first, so a site pulls a chunk across its WAN link about once.
+//!
+//! Owns: the decision and the memory of recent serves. Does not own: who holds what (the
+//! tracker answers that and passes it in), or time (callers pass `now`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pkgmesh_protocol::blob::BlobId;
+
+/// How long a chunk the seed sent counts as "soon held" by its receiver: a few chunk transfer
+/// times on a slow link, short enough that a receiver that died is not waited on for long.
+pub const DEFAULT_RECENT_WINDOW: Duration = Duration::from_secs(10);
+/// Peers named in one redirect; more gives the asker choice, fewer keeps replies small.
+pub const MAX_REDIRECT_PEERS: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Send the chunk from the seed.
+    Serve,
+    /// Ask these nodes (names, best first) instead.
+    Redirect(Vec<String>),
+}
+
+/// A node that holds the chunk, as the tracker knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub node: String,
+    pub site: String,
+}
+
+#[derive(Debug, Clone)]
+struct RecentServe {
+    node: String,
+    site: String,
+    at: Instant,
+}
+
+/// Counters for the operator: how often the seed served and how often it redirected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdmissionStats {
+    pub served: u64,
+    pub served_after_peer_failure: u64,
+    pub redirected: u64,
+}
+
+pub struct Admission {
+    window: Duration,
+    recent: HashMap<(BlobId, u32), Vec<RecentServe>>,
+    stats: AdmissionStats,
+    decisions_since_prune: u32,
+}
+
+impl Admission {
+    pub fn new(window: Duration) -> Self {
+        Admission {
+            window,
+            recent: HashMap::new(),
+            stats: AdmissionStats::default(),
+            decisions_since_prune: 0,
+        }
+    }
+
+    pub fn stats(&self) -> AdmissionStats {
+        self.stats
+    }
+
+    /// Decides one request for chunk `index` of `blob` from `asker` in `asker_site`.
+    /// `holders` are the nodes the tracker says hold the chunk (the asker may be among them).
+    pub fn decide(
+        &mut self,
+        blob: BlobId,
+        index: u32,
+        asker: &str,
+        asker_site: &str,
+        after_peer_failure: bool,
+        holders: &[Holder],
+        now: Instant,
+    ) -> Decision {
+        self.prune_now_and_then(now);
+        if after_peer_failure {
+            self.stats.served_after_peer_failure += 1;
+            self.record(blob, index, asker, asker_site, now);
+            return Decision::Serve;
+        }
+        let window = self.window;
+        let recent: Vec<&RecentServe> = self
+            .recent
+            .get(&(blob, index))
+            .map(|list| {
+                list.iter()
+                    .filter(|r| r.node != asker && now.duration_since(r.at) < window)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let others = holders.iter().filter(|h| h.node != asker);
+        let mut same_site: Vec<String> = Vec::new();
+        let mut other_site: Vec<String> = Vec::new();
+        for holder in others {
+            let list = if holder.site == asker_site {
+                &mut same_site
+            } else {
+                &mut other_site
+            };
+            list.push(holder.node.clone());
+        }
+        // A node the seed just served will hold the chunk in a moment: count it as a holder,
+        // after the ones that hold it already.
+        for serve in &recent {
+            let list = if serve.site == asker_site {
+                &mut same_site
+            } else {
+                &mut other_site
+            };
+            if !list.contains(&serve.node) {
+                list.push(serve.node.clone());
+            }
+        }
+        let mut peers = same_site;
+        peers.extend(other_site);
+        if peers.is_empty() {
+            self.record(blob, index, asker, asker_site, now);
+            self.stats.served += 1;
+            return Decision::Serve;
+        }
+        peers.truncate(MAX_REDIRECT_PEERS);
+        self.stats.redirected += 1;
+        Decision::Redirect(peers)
+    }
+
+    fn record(&mut self, blob: BlobId, index: u32, node: &str, site: &str, now: Instant) {
+        let list = self.recent.entry((blob, index)).or_default();
+        list.retain(|r| r.node != node);
+        list.push(RecentServe {
+            node: node.to_string(),
+            site: site.to_string(),
+            at: now,
+        });
+    }
+
+    /// Keeps memory bounded by the chunks served within one window.
+    fn prune_now_and_then(&mut self, now: Instant) {
+        self.decisions_since_prune += 1;
+        if self.decisions_since_prune < 1024 {
+            return;
+        }
+        self.decisions_since_prune = 0;
+        let window = self.window;
+        self.recent.retain(|_, list| {
+            list.retain(|r| now.duration_since(r.at) < window);
+            !list.is_empty()
+        });
+    }
+
+    /// Chunks with a serve still inside the window (for tests and metrics).
+    pub fn remembered(&self) -> usize {
+        self.recent.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+
+    const BLOB: BlobId = BlobId([3; 32]);
+
+    fn holder(node: &str, site: &str) -> Holder {
+        Holder {
+            node: node.into(),
+            site: site.into(),
+        }
+    }
+
+    #[test]
+    fn the_first_asker_is_served_and_the_next_is_sent_to_it() {
+        let mut admission = Admission::new(DEFAULT_RECENT_WINDOW);
+        let now = Instant::now();
+        assert_eq!(
+            admission.decide(BLOB, 0, "a", "s1", false, &[], now),
+            Decision::Serve
+        );
+        assert_eq!(
+            admission.decide(BLOB, 0, "b", "s1", false, &[], now),
+            Decision::Redirect(vec!["a".into()])
+        );
+        // "a" asking again (it lost the chunk) is not sent to itself.
+        assert_eq!(
+            admission.decide(BLOB, 0, "a", "s1", false, &[], now),
+            Decision::Serve
+        );
+        // After the window, a silent receiver is no longer waited on.
+        let later = now + DEFAULT_RECENT_WINDOW + Duration::from_secs(1);
+        assert_eq!(
+            admission.decide(BLOB, 1, "c", "s1", false, &[], now),
+            Decision::Serve
+        );
+        assert_eq!(
+            admission.decide(BLOB, 1, "d", "s1", false, &[], later),
+            Decision::Serve
+        );
+    }
+
+    #[test]
+    fn same_site_holders_come_first_and_peer_failure_gets_through() {
+        let mut admission = Admission::new(DEFAULT_RECENT_WINDOW);
+        let now = Instant::now();
+        let holders = [holder("far", "s2"), holder("near", "s1"), holder("me", "s1")];
+        assert_eq!(
+            admission.decide(BLOB, 5, "me", "s1", false, &holders, now),
+            Decision::Redirect(vec!["near".into(), "far".into()])
+        );
+        assert_eq!(
+            admission.decide(BLOB, 5, "me", "s1", true, &holders, now),
+            Decision::Serve
+        );
+        let stats = admission.stats();
+        assert_eq!(
+            (stats.redirected, stats.served_after_peer_failure),
+            (1, 1)
+        );
+    }
+
+    /// Many nodes asking for every chunk at once, in random order, holding nothing yet: the
+    /// seed sends each chunk once and points every other request at a node it served.
+    #[test]
+    fn a_fleet_asking_at_once_gets_each_chunk_from_the_seed_once() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut admission = Admission::new(DEFAULT_RECENT_WINDOW);
+        let nodes: Vec<String> = (0..64).map(|i| format!("node{i}")).collect();
+        let mut requests: Vec<(usize, u32)> = (0..nodes.len())
+            .flat_map(|n| (0..128u32).map(move |c| (n, c)))
+            .collect();
+        requests.shuffle(&mut rng);
+        let start = Instant::now();
+        let mut served = vec![0u32; 128];
+        for (i, (node, chunk)) in requests.into_iter().enumerate() {
+            let now = start + Duration::from_micros(i as u64);
+            let site = if node % 2 == 0 { "east" } else { "west" };
+            if admission.decide(BLOB, chunk, &nodes[node], site, false, &[], now)
+                == Decision::Serve
+            {
+                served[chunk as usize] += 1;
+            }
+        }
+        assert!(served.iter().all(|&n| n == 1), "{served:?}");
+    }
+}
