@@ -65,6 +65,7 @@ fn frames(c: &mut Criterion) {
     let request = Request::GetChunk {
         blob: BlobId([7; 32]),
         index: 1234,
+        after_peer_failure: false,
     };
     let response = Response::ChunkHashes {
         blob: BlobId([9; 32]),

@@ -10,9 +10,13 @@
 //!
 //! ```text
 //! <dir>/index.redb                     redb: blob hash lists, pins, one row per chunk held
-//! <dir>/chunks/<hh>/<64 hex id>/<i>    chunk i of a blob, raw bytes (hh = first two hex digits)
+//! <dir>/chunks/<hh>/<64 hex id>.<i>    chunk i of a blob, raw bytes (hh = first two hex digits)
 //! <dir>/tmp/<pid>-<n>.part             writes in progress; same filesystem, so rename is atomic
 //! ```
+//!
+//! Chunk files sit flat in 256 fan-out directories rather than one directory per blob: `open`
+//! then lists at most 257 directories however many blobs there are (a directory per blob
+//! made open three times slower for 100,000 small blobs).
 //!
 //! # What is true after a crash
 //!
@@ -27,11 +31,12 @@
 //! - Blob registrations (hash lists) and pins are committed to redb with immediate durability
 //!   before the call returns: without its hash list a chunk could not be verified again.
 //! - Chunk rows are committed with relaxed durability and made durable in batches (every 512
-//!   puts, 256 MiB or 2 s), so `put` costs hashing plus one fsync of data and one of a directory,
-//!   not an index fsync. A crash can lose the most recent rows; `open` then finds chunk files
-//!   without rows, re-verifies them and adopts them (or deletes them if they fail). Rows whose
-//!   file is gone are dropped. Files with rows are trusted without re-hashing, which keeps
-//!   `open` to a readdir walk (no stat, no hashing): well under a second for 100,000 chunks.
+//!   puts, 256 MiB or 2 s), so `put` costs hashing plus one fsync of data and one of a
+//!   directory, not an index fsync (measured: a put costs 1.1× the same file work done bare).
+//!   A crash can lose the most recent rows; `open` then finds chunk files without rows,
+//!   re-verifies them and adopts them (or deletes them if they fail). Rows whose file is gone
+//!   are dropped. Files with rows are trusted without re-hashing, which keeps `open` to a
+//!   readdir walk (no stat, no hashing): about 0.25 s for 100,000 chunks here.
 //! - Reads verify every chunk before (or, streaming, as) it is handed out, so rot after the fact
 //!   is caught at use: the chunk is dropped and reported as a miss.
 //! - If the index file fails while running (say the disk filled up under a commit; redb then

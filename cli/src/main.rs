@@ -6,6 +6,7 @@
 //! `pkgmesh-cache` and `pkgmesh-node`.
 
 mod commands;
+mod mesh;
 mod output;
 
 use std::process::ExitCode;
@@ -16,8 +17,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "pkgmesh",
     version,
-    about = "Peer-to-peer distribution of AWS Systems Manager Distributor packages",
-    propagate_version = true
+    about = "Peer-to-peer distribution of AWS Systems Manager Distributor packages"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,9 +36,22 @@ enum Command {
     Blob(commands::blob::BlobCommand),
     /// Show pkgmesh working end to end on this machine, with no set-up.
     Demo(commands::demo::DemoArgs),
+    /// The fleet CA: create it, issue and revoke certificates, show an identity.
+    #[command(subcommand)]
+    Ca(commands::ca::CaCommand),
+    /// Run a seed: the catalog, the origin store, the tracker (a daemon).
+    Seed(commands::seed::SeedArgs),
+    /// Publish and manage packages in the seed's catalog.
+    #[command(subcommand)]
+    Package(commands::package::PackageCommand),
+    /// Which nodes hold a blob or a package version (role operator).
+    Where(commands::fleet::WhereArgs),
+    /// Read the seed's audit log (role admin).
+    Audit(commands::fleet::AuditArgs),
 }
 
 fn main() -> ExitCode {
+    pkgmesh_node::transport::install_crypto_provider();
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
@@ -46,6 +59,11 @@ fn main() -> ExitCode {
         Command::Platform(args) => commands::platform::run(args),
         Command::Blob(command) => commands::blob::run(command),
         Command::Demo(args) => commands::demo::run(args),
+        Command::Seed(args) => commands::seed::run(args),
+        Command::Package(command) => commands::package::run(command),
+        Command::Where(args) => commands::fleet::run_where(args),
+        Command::Audit(args) => commands::fleet::run_audit(args),
+        Command::Ca(command) => commands::ca::run(command),
     };
     match result {
         Ok(code) => code,
@@ -64,4 +82,13 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

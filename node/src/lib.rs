@@ -6,6 +6,8 @@
 //! Does not own: wire formats and package rules (`pkgmesh-protocol`), the chunk store
 //! (`pkgmesh-cache`), argument parsing and printing (`pkgmesh-cli`).
 
+pub mod client;
+pub mod config;
 pub mod origin;
 pub mod pki;
 pub mod seed;

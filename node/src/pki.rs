@@ -275,7 +275,7 @@ pub fn init_ca(dir: &Path, common_name: &str) -> Result<CaSummary, PkiError> {
     create_private_dir(dir)?;
 
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate_error)?;
-    let now = OffsetDateTime::now_utc();
+    let now = whole_seconds(OffsetDateTime::now_utc());
     let mut params = CertificateParams::default();
     params.distinguished_name = distinguished_name(common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -341,6 +341,9 @@ pub fn issue_with_validity(
     out_dir: &Path,
 ) -> Result<IssuedSummary, PkiError> {
     validate_name(name)?;
+    // Certificates hold whole seconds; round here so the summary says what the certificate says.
+    let not_before = whole_seconds(not_before);
+    let not_after = whole_seconds(not_after);
     let mut roles = roles.to_vec();
     roles.sort();
     roles.dedup();
@@ -391,9 +394,7 @@ pub fn issue_with_validity(
     params.serial_number = Some(serial.clone());
     params.not_before = not_before;
     params.not_after = not_after;
-    let cert = params
-        .signed_by(&key, &ca.issuer)
-        .map_err(generate_error)?;
+    let cert = params.signed_by(&key, &ca.issuer).map_err(generate_error)?;
 
     create_private_dir(out_dir)?;
     write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600, false)?;
@@ -434,12 +435,11 @@ pub fn issue_with_validity(
 pub fn revoke(ca_dir: &Path, cert_pem: &Path) -> Result<RevokedSummary, PkiError> {
     let ca = FleetCa::load(ca_dir)?;
     let der = read_certificate(cert_pem)?;
-    let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| {
-        PkiError::BadCertificate {
+    let (_, cert) =
+        X509Certificate::from_der(der.as_ref()).map_err(|e| PkiError::BadCertificate {
             path: cert_pem.to_path_buf(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     let ca_cert = ca.parsed()?;
     if cert.verify_signature(Some(ca_cert.public_key())).is_err() {
         return Err(PkiError::NotSignedByCa {
@@ -458,9 +458,9 @@ pub fn revoke(ca_dir: &Path, cert_pem: &Path) -> Result<RevokedSummary, PkiError
         None => (Vec::new(), 0),
         Some(bytes) => existing_crl(&crl_path, &bytes, &ca_cert)?,
     };
-    let already_revoked = revoked
-        .iter()
-        .any(|entry: &RevokedCertParams| normalized_serial(entry.serial_number.as_ref()) == serial_bytes);
+    let already_revoked = revoked.iter().any(|entry: &RevokedCertParams| {
+        normalized_serial(entry.serial_number.as_ref()) == serial_bytes
+    });
     if already_revoked {
         return Ok(RevokedSummary {
             name: description.name,
@@ -512,7 +512,8 @@ fn existing_crl(
         path: path.to_path_buf(),
         reason,
     };
-    let (_, crl) = CertificateRevocationList::from_der(der.as_ref()).map_err(|e| bad(e.to_string()))?;
+    let (_, crl) =
+        CertificateRevocationList::from_der(der.as_ref()).map_err(|e| bad(e.to_string()))?;
     crl.verify_signature(ca_cert.public_key())
         .map_err(|_| bad("it is not signed by this CA".to_string()))?;
     let number = match crl.crl_number() {
@@ -726,7 +727,10 @@ impl Identity {
                 path: cert_path.clone(),
                 reason: e.to_string(),
             })?;
-        if parsed.verify_signature(Some(ca_parsed.public_key())).is_err() {
+        if parsed
+            .verify_signature(Some(ca_parsed.public_key()))
+            .is_err()
+        {
             return Err(PkiError::NotSignedByCa {
                 path: cert_path,
                 ca: ca_path,
@@ -738,8 +742,7 @@ impl Identity {
         })?;
         // rustls would find a mismatched key only at the first handshake; say so at load.
         let provider = rustls::crypto::ring::default_provider();
-        match rustls::sign::CertifiedKey::from_der(vec![cert.clone()], key.clone_key(), &provider)
-        {
+        match rustls::sign::CertifiedKey::from_der(vec![cert.clone()], key.clone_key(), &provider) {
             Ok(_) => {}
             Err(rustls::Error::InconsistentKeys(_)) => {
                 return Err(PkiError::KeyMismatch {
@@ -782,7 +785,8 @@ impl Identity {
             path: path.to_path_buf(),
             reason,
         };
-        let (_, ca) = X509Certificate::from_der(self.ca.as_ref()).map_err(|e| bad(e.to_string()))?;
+        let (_, ca) =
+            X509Certificate::from_der(self.ca.as_ref()).map_err(|e| bad(e.to_string()))?;
         let (_, crl) =
             CertificateRevocationList::from_der(der.as_ref()).map_err(|e| bad(e.to_string()))?;
         crl.verify_signature(ca.public_key())
@@ -864,7 +868,10 @@ impl FleetCa {
     fn load(dir: &Path) -> Result<FleetCa, PkiError> {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
-        let cert_pem = read_required(&cert_path, "the fleet CA certificate; run `pkgmesh ca init`")?;
+        let cert_pem = read_required(
+            &cert_path,
+            "the fleet CA certificate; run `pkgmesh ca init`",
+        )?;
         let key_pem = read_required(&key_path, "the fleet CA key; run `pkgmesh ca init`")?;
         let cert_der = CertificateDer::from_pem_slice(&cert_pem).map_err(|e| PkiError::NotPem {
             path: cert_path.clone(),
@@ -898,10 +905,11 @@ impl FleetCa {
             });
         }
         let not_after = parsed.validity().not_after.to_datetime();
-        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| PkiError::BadCertificate {
-            path: cert_path,
-            reason: e.to_string(),
-        })?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| PkiError::BadCertificate {
+                path: cert_path,
+                reason: e.to_string(),
+            })?;
         Ok(FleetCa {
             issuer,
             cert_pem,
@@ -968,12 +976,19 @@ fn random_serial() -> SerialNumber {
 }
 
 fn normalized_serial(raw: &[u8]) -> &[u8] {
-    let first = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    let first = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
     &raw[first..]
 }
 
 fn serial_hex(raw: &[u8]) -> String {
     hex::encode(normalized_serial(raw))
+}
+
+fn whole_seconds(time: OffsetDateTime) -> OffsetDateTime {
+    time - Duration::nanoseconds(time.nanosecond().into())
 }
 
 /// RFC 3339 text; falls back to the Unix time for dates RFC 3339 cannot express.
@@ -1029,7 +1044,10 @@ fn read_certificate(path: &Path) -> Result<CertificateDer<'static>, PkiError> {
     })
 }
 
-fn parse_crl_pem(path: &Path, pem: &[u8]) -> Result<CertificateRevocationListDer<'static>, PkiError> {
+fn parse_crl_pem(
+    path: &Path,
+    pem: &[u8],
+) -> Result<CertificateRevocationListDer<'static>, PkiError> {
     CertificateRevocationListDer::from_pem_slice(pem).map_err(|e| PkiError::NotPem {
         path: path.to_path_buf(),
         what: "an X509 CRL",
@@ -1196,7 +1214,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
         init_ca(&ca_dir, "fleet").unwrap();
-        let mode = fs::metadata(ca_dir.join(CA_KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(ca_dir.join(CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let before = fs::read(ca_dir.join(CA_KEY_FILE)).unwrap();
         assert!(matches!(
@@ -1207,7 +1228,10 @@ mod tests {
 
         let id = dir.path().join("id");
         issue(&ca_dir, "n1", &[Role::Node], 1, &id).unwrap();
-        let mode = fs::metadata(id.join(KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(id.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(matches!(
             issue(&ca_dir, "n1", &[Role::Node], 1, &id),
@@ -1233,14 +1257,20 @@ mod tests {
         let key = fs::read(id.join(KEY_FILE)).unwrap();
         fs::remove_file(id.join(KEY_FILE)).unwrap();
         let error = Identity::load(&id).unwrap_err().to_string();
-        assert!(error.contains("key.pem") && error.contains("missing"), "{error}");
+        assert!(
+            error.contains("key.pem") && error.contains("missing"),
+            "{error}"
+        );
         fs::write(id.join(KEY_FILE), &key).unwrap();
 
         // Not PEM.
         let cert = fs::read(id.join(CERT_FILE)).unwrap();
         fs::write(id.join(CERT_FILE), b"hello").unwrap();
         let error = Identity::load(&id).unwrap_err().to_string();
-        assert!(error.contains("cert.pem") && error.contains("not a PEM"), "{error}");
+        assert!(
+            error.contains("cert.pem") && error.contains("not a PEM"),
+            "{error}"
+        );
         fs::write(id.join(CERT_FILE), &cert).unwrap();
 
         // Another CA.
@@ -1320,6 +1350,9 @@ mod tests {
         // An identity issued after a revocation gets the CRL and loads it.
         let issued = issue(&ca_dir, "c", &[Role::Node], 1, &dir.path().join("c")).unwrap();
         assert!(issued.crl_copied);
-        assert_eq!(Identity::load(&dir.path().join("c")).unwrap().crls().len(), 1);
+        assert_eq!(
+            Identity::load(&dir.path().join("c")).unwrap().crls().len(),
+            1
+        );
     }
 }

@@ -7,7 +7,8 @@
 //! client checks the server the same way and then checks that the server carries the role it
 //! meant to reach. Names and roles come from the certificates (see [`crate::pki`]). A request is
 //! one bidirectional stream: one frame each way, then for a chunk the raw bytes after the
-//! response header.
+//! response header. The client sends `Hello` on the first stream and waits for the answer before
+//! anything else; the server answers `Hello` itself on whichever stream it arrives.
 //!
 //! TLS session resumption is off on both sides: a resumed session would skip the certificate
 //! checks, so a revoked or expired certificate could keep getting in on an old ticket. A full
@@ -61,6 +62,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections one server holds at once; more are refused until some close.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Request-frame bytes one server buffers at once across all streams: a frame may claim up to
+/// 1 MiB, and 256 streams on each of thousands of connections could otherwise make a server
+/// hold gigabytes of half-received requests. Streams wait (within their timeout) for room.
+pub const MAX_REQUEST_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 /// Connection attempts quinn buffers before the accept loop takes them.
 const MAX_INCOMING: usize = 1024;
 
@@ -244,8 +249,8 @@ pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, Transpo
 pub fn make_endpoint(bind: SocketAddr, identity: &Identity) -> Result<Endpoint, TransportError> {
     let server = server_config(identity)?;
     let client = client_config(identity)?;
-    let mut endpoint =
-        Endpoint::server(server, bind).map_err(|source| TransportError::Bind { addr: bind, source })?;
+    let mut endpoint = Endpoint::server(server, bind)
+        .map_err(|source| TransportError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(client);
     tracing::debug!(
         local = ?endpoint.local_addr().ok(),
@@ -407,9 +412,7 @@ pub async fn write_frame<T: Serialize>(
     message: &T,
 ) -> Result<(), TransportError> {
     let frame = wire::encode(message)?;
-    send.write_all(&frame)
-        .await
-        .map_err(TransportError::Write)
+    send.write_all(&frame).await.map_err(TransportError::Write)
 }
 
 /// Reads one frame within `timeout`: the length prefix is checked against the limit before
@@ -513,6 +516,8 @@ pub struct ServeLimits {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
     pub request_timeout: Duration,
+    /// Bytes of request frames buffered at once, over all connections.
+    pub max_request_bytes_in_flight: usize,
 }
 
 impl Default for ServeLimits {
@@ -521,6 +526,7 @@ impl Default for ServeLimits {
             max_connections: MAX_CONNECTIONS,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             request_timeout: REQUEST_TIMEOUT,
+            max_request_bytes_in_flight: MAX_REQUEST_BYTES_IN_FLIGHT,
         }
     }
 }
@@ -532,41 +538,60 @@ pub async fn serve<H: RequestHandler>(endpoint: Endpoint, handler: Arc<H>) {
 
 /// Accepts connections until the endpoint is closed. Each connection must present a fleet
 /// certificate; each stream carries one request, read within `request_timeout`, then handed to
-/// `handler` on its own task. Concurrency is bounded: `max_connections` connections, and
-/// [`MAX_CONCURRENT_BIDI_STREAMS`] streams per connection (enforced by QUIC flow control).
-pub async fn serve_with<H: RequestHandler>(endpoint: Endpoint, handler: Arc<H>, limits: ServeLimits) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let limits = Arc::new(limits);
+/// `handler` on its own task. Concurrency is bounded: `max_connections` connections,
+/// [`MAX_CONCURRENT_BIDI_STREAMS`] streams per connection (enforced by QUIC flow control), and
+/// `max_request_bytes_in_flight` bytes of request frames being received.
+pub async fn serve_with<H: RequestHandler>(
+    endpoint: Endpoint,
+    handler: Arc<H>,
+    limits: ServeLimits,
+) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let state = Arc::new(ServeState {
+        frame_budget: Semaphore::new(
+            limits
+                .max_request_bytes_in_flight
+                .clamp(wire::MAX_FRAME_BYTES, Semaphore::MAX_PERMITS),
+        ),
+        limits,
+    });
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, max = limits.max_connections, "connection refused: at the connection limit");
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, max = state.limits.max_connections, "connection refused: at the connection limit");
             incoming.refuse();
             continue;
         };
         let handler = handler.clone();
-        let limits = limits.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            serve_connection(incoming, remote, handler, limits).await;
+            serve_connection(incoming, remote, handler, state).await;
         });
     }
     tracing::debug!("endpoint closed; accept loop ends");
+}
+
+/// What every connection task of one `serve_with` shares.
+struct ServeState {
+    limits: ServeLimits,
+    frame_budget: Semaphore,
 }
 
 async fn serve_connection<H: RequestHandler>(
     incoming: quinn::Incoming,
     remote: SocketAddr,
     handler: Arc<H>,
-    limits: Arc<ServeLimits>,
+    state: Arc<ServeState>,
 ) {
+    let limits = &state.limits;
     let refused = |reason: String| {
         tracing::info!(%remote, %reason, "handshake refused");
         handler.handshake_refused(remote, reason);
     };
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
-        Err(e) => return refused(format!("TLS handshake failed: {e}")),
+        Err(e) => return refused(handshake_failure(&e)),
     };
     let connection = match tokio::time::timeout(limits.handshake_timeout, connecting).await {
         Err(_) => {
@@ -575,7 +600,7 @@ async fn serve_connection<H: RequestHandler>(
                 limits.handshake_timeout
             ))
         }
-        Ok(Err(e)) => return refused(format!("TLS handshake failed: {e}")),
+        Ok(Err(e)) => return refused(handshake_failure(&e)),
         Ok(Ok(connection)) => connection,
     };
     let peer = match peer_identity(&connection) {
@@ -600,10 +625,49 @@ async fn serve_connection<H: RequestHandler>(
             connection: connection.clone(),
         };
         let handler = handler.clone();
-        let timeout = limits.request_timeout;
+        let state = state.clone();
         tokio::spawn(async move {
-            serve_stream(handler, ctx, send, recv, timeout).await;
+            serve_stream(handler, ctx, send, recv, state).await;
         });
+    }
+}
+
+/// Reads one request frame, waiting for room in the server's frame budget before allocating.
+async fn read_request(
+    recv: &mut RecvStream,
+    budget: &Semaphore,
+) -> Result<Request, TransportError> {
+    let mut prefix = [0u8; FRAME_PREFIX_BYTES];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| read_exact_error(e, "before a frame's length"))?;
+    let len = wire::payload_len(prefix)?;
+    // `len` is at most MAX_FRAME_BYTES (1 MiB), so it fits a u32 and the budget.
+    let permits = u32::try_from(len).unwrap_or(u32::MAX);
+    let _room = budget
+        .acquire_many(permits)
+        .await
+        .map_err(|_| TransportError::StreamClosed {
+            what: "while the server was shutting down",
+        })?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| read_exact_error(e, "in the middle of a frame"))?;
+    Ok(wire::decode_payload(&payload)?)
+}
+
+/// A reason for the audit log: who refused whom, with rustls's own words (`UnknownIssuer`,
+/// `Revoked`, `certificate expired`, `peer sent no certificates`, ...).
+fn handshake_failure(error: &quinn::ConnectionError) -> String {
+    match error {
+        quinn::ConnectionError::TransportError(e) => {
+            format!("TLS handshake refused: {e}")
+        }
+        quinn::ConnectionError::ConnectionClosed(_) => {
+            format!("TLS handshake abandoned by the peer (does it trust this fleet CA?): {error}")
+        }
+        other => format!("TLS handshake failed: {other}"),
     }
 }
 
@@ -612,13 +676,31 @@ async fn serve_stream<H: RequestHandler>(
     ctx: RequestContext,
     mut send: SendStream,
     mut recv: RecvStream,
-    timeout: Duration,
+    state: Arc<ServeState>,
 ) {
-    let request: Request = match read_frame(&mut recv, timeout).await {
+    let timeout = state.limits.request_timeout;
+    let read = read_request(&mut recv, &state.frame_budget);
+    let request = match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Err(TransportError::Timeout {
+            what: "the request",
+            after: timeout,
+        }),
+    };
+    let request: Request = match request {
         Ok(request) => request,
-        Err(e @ (TransportError::Frame(_) | TransportError::Timeout { .. } | TransportError::StreamClosed { .. })) => {
+        Err(
+            e @ (TransportError::Frame(_)
+            | TransportError::Timeout { .. }
+            | TransportError::StreamClosed { .. }),
+        ) => {
             tracing::debug!(remote = %ctx.remote, peer = %ctx.peer, error = %e, "bad request");
-            reply_error(&mut send, ErrorCode::BadRequest, format!("bad request: {e}")).await;
+            reply_error(
+                &mut send,
+                ErrorCode::BadRequest,
+                format!("bad request: {e}"),
+            )
+            .await;
             // Stop the peer sending the rest of whatever it was sending.
             let _ = recv.stop(VarInt::from_u32(0));
             return;

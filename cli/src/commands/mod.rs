@@ -1,6 +1,10 @@
 //! One module per command group; each exposes its clap arguments and a `run` function.
 
 pub mod blob;
+pub mod ca;
 pub mod demo;
+pub mod fleet;
 pub mod manifest;
+pub mod package;
 pub mod platform;
+pub mod seed;

@@ -277,7 +277,9 @@ impl Catalog {
         let name_owned = name.to_string();
         let outcome = self.write(move |txn| {
             let mut packages = txn.open_table(PACKAGES)?;
-            let existing = packages.get(name_owned.as_str())?.map(|v| v.value().to_vec());
+            let existing = packages
+                .get(name_owned.as_str())?
+                .map(|v| v.value().to_vec());
             let mut package = match existing {
                 Some(bytes) => match serde_json::from_slice::<PackageRecord>(&bytes) {
                     Ok(p) => p,
@@ -509,11 +511,15 @@ mod tests {
         let (v1, h1) = record("1.0", b"one");
         let (v2, h2) = record("2.0", b"two");
         assert_eq!(
-            catalog.publish("pkg", v1.clone(), &[h1.clone()]).unwrap(),
+            catalog
+                .publish("pkg", v1.clone(), std::slice::from_ref(&h1))
+                .unwrap(),
             PublishResult::Added
         );
         assert_eq!(
-            catalog.publish("pkg", v1.clone(), &[h1.clone()]).unwrap(),
+            catalog
+                .publish("pkg", v1.clone(), std::slice::from_ref(&h1))
+                .unwrap(),
             PublishResult::Unchanged
         );
         let (mut other, other_hashes) = record("1.0", b"different bytes");
@@ -526,7 +532,9 @@ mod tests {
             catalog.check_publish("pkg", &other),
             Err(CatalogError::VersionConflict { .. })
         ));
-        catalog.publish("pkg", v2, &[h2.clone()]).unwrap();
+        catalog
+            .publish("pkg", v2, std::slice::from_ref(&h2))
+            .unwrap();
         assert_eq!(catalog.version("pkg", None).unwrap().0.version, "2.0");
         catalog.set_default("pkg", "1.0").unwrap();
         drop(catalog);
@@ -564,8 +572,12 @@ mod tests {
         let (v1, h) = record("1.0", b"same zip");
         let (mut v2, _) = record("2.0", b"same zip");
         v2.files[0].origin_key = v1.files[0].origin_key.clone();
-        catalog.publish("pkg", v1, &[h.clone()]).unwrap();
-        catalog.publish("pkg", v2, &[h.clone()]).unwrap();
+        catalog
+            .publish("pkg", v1, std::slice::from_ref(&h))
+            .unwrap();
+        catalog
+            .publish("pkg", v2, std::slice::from_ref(&h))
+            .unwrap();
         catalog.delete("pkg", Some("1.0")).unwrap();
         assert!(catalog.blob_location(&h.id()).unwrap().is_some());
         let summary = catalog.list().unwrap();

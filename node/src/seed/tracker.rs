@@ -55,7 +55,10 @@ impl Tracker {
         check_field("listen", &announcement.listen)?;
         check_field("site", &announcement.site)?;
         if announcement.tags.len() > MAX_TAGS {
-            return Err(format!("{} tags, the limit is {MAX_TAGS}", announcement.tags.len()));
+            return Err(format!(
+                "{} tags, the limit is {MAX_TAGS}",
+                announcement.tags.len()
+            ));
         }
         for (key, value) in &announcement.tags {
             check_field("tag key", key)?;
@@ -281,11 +284,17 @@ mod tests {
         let mut tracker = Tracker::new();
         let now = Instant::now();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        tracker.announce("asker", announcement("east", &[]), now).unwrap();
+        tracker
+            .announce("asker", announcement("east", &[]), now)
+            .unwrap();
         for i in 0..5 {
-            tracker.announce(&format!("west{i}"), announcement("west", &[1]), now).unwrap();
+            tracker
+                .announce(&format!("west{i}"), announcement("west", &[1]), now)
+                .unwrap();
         }
-        tracker.announce("east0", announcement("east", &[2]), now).unwrap();
+        tracker
+            .announce("east0", announcement("east", &[2]), now)
+            .unwrap();
         let peers = tracker.peers(&BLOB, "asker", 3, &mut rng);
         assert_eq!(peers.len(), 3);
         assert_eq!(peers[0].node, "east0");
@@ -299,8 +308,12 @@ mod tests {
     fn silent_nodes_expire_and_full_announcements_replace() {
         let mut tracker = Tracker::new();
         let now = Instant::now();
-        tracker.announce("a", announcement("s", &[0, 1]), now).unwrap();
-        tracker.announce("b", announcement("s", &[0]), now + ENTRY_TTL).unwrap();
+        tracker
+            .announce("a", announcement("s", &[0, 1]), now)
+            .unwrap();
+        tracker
+            .announce("b", announcement("s", &[0]), now + ENTRY_TTL)
+            .unwrap();
         tracker.expire(now + ENTRY_TTL + Duration::from_secs(1));
         assert!(tracker.node("a").is_none());
         assert_eq!(tracker.holders_of_chunk(&BLOB, 0).len(), 1);

@@ -27,6 +27,18 @@ pub enum Decision {
     Redirect(Vec<String>),
 }
 
+/// One request for a chunk, as the seed sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkAsk<'a> {
+    pub blob: BlobId,
+    pub index: u32,
+    /// The asking node's certificate name, and the site it announced.
+    pub asker: &'a str,
+    pub asker_site: &'a str,
+    /// The asker tried the peers it was sent to and they failed.
+    pub after_peer_failure: bool,
+}
+
 /// A node that holds the chunk, as the tracker knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
@@ -70,18 +82,16 @@ impl Admission {
         self.stats
     }
 
-    /// Decides one request for chunk `index` of `blob` from `asker` in `asker_site`.
-    /// `holders` are the nodes the tracker says hold the chunk (the asker may be among them).
-    pub fn decide(
-        &mut self,
-        blob: BlobId,
-        index: u32,
-        asker: &str,
-        asker_site: &str,
-        after_peer_failure: bool,
-        holders: &[Holder],
-        now: Instant,
-    ) -> Decision {
+    /// Decides one request. `holders` are the nodes the tracker says hold the chunk (the asker
+    /// may be among them).
+    pub fn decide(&mut self, ask: &ChunkAsk<'_>, holders: &[Holder], now: Instant) -> Decision {
+        let ChunkAsk {
+            blob,
+            index,
+            asker,
+            asker_site,
+            after_peer_failure,
+        } = *ask;
         self.prune_now_and_then(now);
         if after_peer_failure {
             self.stats.served_after_peer_failure += 1;
@@ -171,6 +181,22 @@ mod tests {
 
     const BLOB: BlobId = BlobId([3; 32]);
 
+    fn ask<'a>(
+        blob: BlobId,
+        index: u32,
+        asker: &'a str,
+        asker_site: &'a str,
+        after_peer_failure: bool,
+    ) -> ChunkAsk<'a> {
+        ChunkAsk {
+            blob,
+            index,
+            asker,
+            asker_site,
+            after_peer_failure,
+        }
+    }
+
     fn holder(node: &str, site: &str) -> Holder {
         Holder {
             node: node.into(),
@@ -183,26 +209,26 @@ mod tests {
         let mut admission = Admission::new(DEFAULT_RECENT_WINDOW);
         let now = Instant::now();
         assert_eq!(
-            admission.decide(BLOB, 0, "a", "s1", false, &[], now),
+            admission.decide(&ask(BLOB, 0, "a", "s1", false), &[], now),
             Decision::Serve
         );
         assert_eq!(
-            admission.decide(BLOB, 0, "b", "s1", false, &[], now),
+            admission.decide(&ask(BLOB, 0, "b", "s1", false), &[], now),
             Decision::Redirect(vec!["a".into()])
         );
         // "a" asking again (it lost the chunk) is not sent to itself.
         assert_eq!(
-            admission.decide(BLOB, 0, "a", "s1", false, &[], now),
+            admission.decide(&ask(BLOB, 0, "a", "s1", false), &[], now),
             Decision::Serve
         );
         // After the window, a silent receiver is no longer waited on.
         let later = now + DEFAULT_RECENT_WINDOW + Duration::from_secs(1);
         assert_eq!(
-            admission.decide(BLOB, 1, "c", "s1", false, &[], now),
+            admission.decide(&ask(BLOB, 1, "c", "s1", false), &[], now),
             Decision::Serve
         );
         assert_eq!(
-            admission.decide(BLOB, 1, "d", "s1", false, &[], later),
+            admission.decide(&ask(BLOB, 1, "d", "s1", false), &[], later),
             Decision::Serve
         );
     }
@@ -211,20 +237,21 @@ mod tests {
     fn same_site_holders_come_first_and_peer_failure_gets_through() {
         let mut admission = Admission::new(DEFAULT_RECENT_WINDOW);
         let now = Instant::now();
-        let holders = [holder("far", "s2"), holder("near", "s1"), holder("me", "s1")];
+        let holders = [
+            holder("far", "s2"),
+            holder("near", "s1"),
+            holder("me", "s1"),
+        ];
         assert_eq!(
-            admission.decide(BLOB, 5, "me", "s1", false, &holders, now),
+            admission.decide(&ask(BLOB, 5, "me", "s1", false), &holders, now),
             Decision::Redirect(vec!["near".into(), "far".into()])
         );
         assert_eq!(
-            admission.decide(BLOB, 5, "me", "s1", true, &holders, now),
+            admission.decide(&ask(BLOB, 5, "me", "s1", true), &holders, now),
             Decision::Serve
         );
         let stats = admission.stats();
-        assert_eq!(
-            (stats.redirected, stats.served_after_peer_failure),
-            (1, 1)
-        );
+        assert_eq!((stats.redirected, stats.served_after_peer_failure), (1, 1));
     }
 
     /// Many nodes asking for every chunk at once, in random order, holding nothing yet: the
@@ -243,7 +270,7 @@ mod tests {
         for (i, (node, chunk)) in requests.into_iter().enumerate() {
             let now = start + Duration::from_micros(i as u64);
             let site = if node % 2 == 0 { "east" } else { "west" };
-            if admission.decide(BLOB, chunk, &nodes[node], site, false, &[], now)
+            if admission.decide(&ask(BLOB, chunk, &nodes[node], site, false), &[], now)
                 == Decision::Serve
             {
                 served[chunk as usize] += 1;
