@@ -39,8 +39,9 @@ pub struct SeedFile {
     pub crl: Option<PathBuf>,
     /// `file:///dir`, `s3://bucket/prefix` or `https://host/prefix`; default `<data>/origin`.
     pub origin: Option<String>,
+    /// Endpoint, region, credentials and limits of the origin store.
     #[serde(default)]
-    pub s3: OriginOptions,
+    pub origin_settings: OriginOptions,
     /// Size of the seed's chunk cache, e.g. `8GiB`.
     pub cache_budget: Option<String>,
     /// Largest ZIP accepted by publish, e.g. `16GiB`.
@@ -136,14 +137,17 @@ mod tests {
             data = "/var/lib/pkgmesh-seed"
             origin = "s3://packages/prod"
             cache_budget = "8GiB"
-            [s3]
-            endpoint = "http://127.0.0.1:9000"
-            region = "us-east-1"
+            [origin_settings]
+            s3_endpoint = "http://127.0.0.1:9000"
+            s3_region = "us-east-1"
             allow_http = true
             "#,
         )
         .unwrap();
         assert_eq!(file.origin.as_deref(), Some("s3://packages/prod"));
+        assert!(file.origin_settings.allow_http);
+        let error = parse::<SeedFile>("[origin_settings]\nendpiont = \"x\"").unwrap_err();
+        assert!(error.contains("endpiont"), "{error}");
         assert_eq!(
             size_setting("cache budget", None, file.cache_budget.as_deref(), 0).unwrap(),
             8 << 30

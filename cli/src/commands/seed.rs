@@ -66,7 +66,7 @@ pub fn run(args: SeedArgs) -> anyhow::Result<ExitCode> {
     }
     let mut settings = SeedSettings::new(listen, data, identity);
     settings.origin = args.origin.or(file.origin);
-    settings.origin_options = file.s3;
+    settings.origin_options = file.origin_settings;
     settings.cache_budget = config::size_setting(
         "cache budget",
         args.cache_budget.as_deref(),

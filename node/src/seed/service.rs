@@ -409,6 +409,7 @@ impl SeedState {
                         after_peer_failure,
                     },
                     &holders,
+                    |node| tracker.node(node).is_some(),
                     Instant::now(),
                 );
             match decision {

@@ -84,7 +84,17 @@ impl Admission {
 
     /// Decides one request. `holders` are the nodes the tracker says hold the chunk (the asker
     /// may be among them).
-    pub fn decide(&mut self, ask: &ChunkAsk<'_>, holders: &[Holder], now: Instant) -> Decision {
+    ///
+    /// A node the seed served recently counts as a holder only if `reachable` says the asker can
+    /// be told how to reach it (the tracker knows its address); otherwise a redirect to it would
+    /// be a dead end.
+    pub fn decide(
+        &mut self,
+        ask: &ChunkAsk<'_>,
+        holders: &[Holder],
+        reachable: impl Fn(&str) -> bool,
+        now: Instant,
+    ) -> Decision {
         let ChunkAsk {
             blob,
             index,
@@ -105,6 +115,7 @@ impl Admission {
             .map(|list| {
                 list.iter()
                     .filter(|r| r.node != asker && now.duration_since(r.at) < window)
+                    .filter(|r| reachable(&r.node))
                     .collect()
             })
             .unwrap_or_default();
@@ -209,26 +220,42 @@ mod tests {
         let mut admission = Admission::new(DEFAULT_RECENT_WINDOW);
         let now = Instant::now();
         assert_eq!(
-            admission.decide(&ask(BLOB, 0, "a", "s1", false), &[], now),
+            admission.decide(&ask(BLOB, 0, "a", "s1", false), &[], |_| true, now),
             Decision::Serve
         );
         assert_eq!(
-            admission.decide(&ask(BLOB, 0, "b", "s1", false), &[], now),
+            admission.decide(&ask(BLOB, 0, "b", "s1", false), &[], |_| true, now),
             Decision::Redirect(vec!["a".into()])
         );
         // "a" asking again (it lost the chunk) is not sent to itself.
         assert_eq!(
-            admission.decide(&ask(BLOB, 0, "a", "s1", false), &[], now),
+            admission.decide(&ask(BLOB, 0, "a", "s1", false), &[], |_| true, now),
             Decision::Serve
         );
         // After the window, a silent receiver is no longer waited on.
         let later = now + DEFAULT_RECENT_WINDOW + Duration::from_secs(1);
         assert_eq!(
-            admission.decide(&ask(BLOB, 1, "c", "s1", false), &[], now),
+            admission.decide(&ask(BLOB, 1, "c", "s1", false), &[], |_| true, now),
             Decision::Serve
         );
         assert_eq!(
-            admission.decide(&ask(BLOB, 1, "d", "s1", false), &[], later),
+            admission.decide(&ask(BLOB, 1, "d", "s1", false), &[], |_| true, later),
+            Decision::Serve
+        );
+    }
+
+    #[test]
+    fn a_recent_receiver_nobody_can_reach_is_not_waited_on() {
+        let mut admission = Admission::new(DEFAULT_RECENT_WINDOW);
+        let now = Instant::now();
+        let ask_a = ask(BLOB, 0, "a", "s1", false);
+        assert_eq!(
+            admission.decide(&ask_a, &[], |_| true, now),
+            Decision::Serve
+        );
+        let ask_b = ask(BLOB, 0, "b", "s1", false);
+        assert_eq!(
+            admission.decide(&ask_b, &[], |n| n != "a", now),
             Decision::Serve
         );
     }
@@ -243,11 +270,11 @@ mod tests {
             holder("me", "s1"),
         ];
         assert_eq!(
-            admission.decide(&ask(BLOB, 5, "me", "s1", false), &holders, now),
+            admission.decide(&ask(BLOB, 5, "me", "s1", false), &holders, |_| true, now),
             Decision::Redirect(vec!["near".into(), "far".into()])
         );
         assert_eq!(
-            admission.decide(&ask(BLOB, 5, "me", "s1", true), &holders, now),
+            admission.decide(&ask(BLOB, 5, "me", "s1", true), &holders, |_| true, now),
             Decision::Serve
         );
         let stats = admission.stats();
@@ -270,8 +297,12 @@ mod tests {
         for (i, (node, chunk)) in requests.into_iter().enumerate() {
             let now = start + Duration::from_micros(i as u64);
             let site = if node % 2 == 0 { "east" } else { "west" };
-            if admission.decide(&ask(BLOB, chunk, &nodes[node], site, false), &[], now)
-                == Decision::Serve
+            if admission.decide(
+                &ask(BLOB, chunk, &nodes[node], site, false),
+                &[],
+                |_| true,
+                now,
+            ) == Decision::Serve
             {
                 served[chunk as usize] += 1;
             }
