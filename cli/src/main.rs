@@ -41,6 +41,10 @@ enum Command {
     Ca(commands::ca::CaCommand),
     /// Run a seed: the catalog, the origin store, the tracker (a daemon).
     Seed(commands::seed::SeedArgs),
+    /// Run a node: serve what it holds to peers and keep the tracker told (a daemon).
+    Node(commands::node::NodeArgs),
+    /// Fetch the ZIP for this platform through the swarm and write it to a file.
+    Fetch(commands::fetch::FetchArgs),
     /// Publish and manage packages in the seed's catalog.
     #[command(subcommand)]
     Package(commands::package::PackageCommand),
@@ -60,6 +64,8 @@ fn main() -> ExitCode {
         Command::Blob(command) => commands::blob::run(command),
         Command::Demo(args) => commands::demo::run(args),
         Command::Seed(args) => commands::seed::run(args),
+        Command::Node(args) => commands::node::run(args),
+        Command::Fetch(args) => commands::fetch::run(args),
         Command::Package(command) => commands::package::run(command),
         Command::Where(args) => commands::fleet::run_where(args),
         Command::Audit(args) => commands::fleet::run_audit(args),
@@ -81,6 +87,7 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -41,6 +41,8 @@ pub struct Refused {
 
 pub struct SeedClient {
     endpoint: quinn::Endpoint,
+    /// A client that made its own endpoint closes it; one riding a node's endpoint does not.
+    owns_endpoint: bool,
     conn: PeerConnection,
 }
 
@@ -56,10 +58,24 @@ impl SeedClient {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let endpoint = transport::make_endpoint(bind, identity)?;
+        let mut client = Self::connect_on(endpoint, seed).await?;
+        client.owns_endpoint = true;
+        Ok(client)
+    }
+
+    /// Connects through an endpoint that already exists (a node's, which also serves).
+    pub async fn connect_on(
+        endpoint: quinn::Endpoint,
+        seed: SocketAddr,
+    ) -> anyhow::Result<SeedClient> {
         let conn = transport::connect(&endpoint, seed, Role::Seed, CONNECT_TIMEOUT)
             .await
             .with_context(|| format!("cannot reach the seed at {seed}"))?;
-        Ok(SeedClient { endpoint, conn })
+        Ok(SeedClient {
+            endpoint,
+            owns_endpoint: false,
+            conn,
+        })
     }
 
     pub fn connection(&self) -> &PeerConnection {
@@ -169,7 +185,9 @@ impl SeedClient {
     /// Closes the connection politely and waits for the close to reach the seed.
     pub async fn close(self) {
         self.conn.connection.close(0u32.into(), b"done");
-        self.endpoint.wait_idle().await;
+        if self.owns_endpoint {
+            self.endpoint.wait_idle().await;
+        }
     }
 }
 

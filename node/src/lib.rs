@@ -9,6 +9,7 @@
 pub mod client;
 pub mod config;
 pub mod origin;
+pub mod peer;
 pub mod pki;
 pub mod seed;
 pub mod swarm;

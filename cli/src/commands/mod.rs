@@ -3,8 +3,10 @@
 pub mod blob;
 pub mod ca;
 pub mod demo;
+pub mod fetch;
 pub mod fleet;
 pub mod manifest;
+pub mod node;
 pub mod package;
 pub mod platform;
 pub mod seed;

@@ -182,9 +182,17 @@ impl RequestHandler for SeedHandler {
                 state.audit_outcome(&ctx, "delete", &target, &answer);
                 answer
             }
-            Request::Announce(announcement) => state
+            Request::Announce(mut announcement) => state
                 .checked(&ctx, &[Role::Node], "announce", &ctx.peer.name)
                 .and_then(|()| {
+                    // A node listening on 0.0.0.0 is reachable at the address it dialled from:
+                    // its one endpoint both serves and dials.
+                    if let Ok(listen) = announcement.listen.parse::<SocketAddr>() {
+                        if listen.ip().is_unspecified() {
+                            announcement.listen =
+                                SocketAddr::new(ctx.remote.ip(), listen.port()).to_string();
+                        }
+                    }
                     state
                         .tracker()
                         .announce(&ctx.peer.name, announcement, Instant::now())

@@ -3,3 +3,4 @@
 //! runs in the services, in unit tests and in the simulator.
 
 pub mod admission;
+pub mod scheduler;

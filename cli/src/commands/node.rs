@@ -1,0 +1,119 @@
+//! `pkgmesh node`: run a node until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use pkgmesh_node::config::{self, NodeFile};
+use pkgmesh_node::peer::{self, NodeSettings};
+
+use super::seed::wait_for_shutdown_signal;
+use crate::mesh::{load_identity, resolve, runtime};
+use crate::output::print_json;
+
+#[derive(Args)]
+pub struct NodeArgs {
+    /// Address to listen on (UDP), e.g. 0.0.0.0:7401. Default 0.0.0.0:7401.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The seed's address, host:port.
+    #[arg(long, env = "PKGMESH_SEED", value_name = "ADDR")]
+    seed: Option<String>,
+    /// Data directory: the chunk cache (and, later, installed packages).
+    #[arg(long, env = "PKGMESH_DATA", value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Identity directory of the node (a certificate with the `node` role).
+    #[arg(long, env = "PKGMESH_IDENTITY", value_name = "DIR")]
+    identity: Option<PathBuf>,
+    /// The site this node is in; peers in the same site are preferred.
+    #[arg(long)]
+    site: Option<String>,
+    /// A tag KEY=VALUE (repeatable), for deployment targets.
+    #[arg(long = "tag", value_name = "K=V")]
+    tags: Vec<String>,
+    /// Size of the chunk cache, e.g. 4GiB.
+    #[arg(long, value_name = "SIZE")]
+    cache_budget: Option<String>,
+    /// A certificate revocation list to enforce (PEM), besides the identity's crl.pem.
+    #[arg(long, value_name = "FILE")]
+    crl: Option<PathBuf>,
+    /// TOML config file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the ready line as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    let file: NodeFile = match &args.config {
+        Some(path) => config::load(path)?,
+        None => NodeFile::default(),
+    };
+    let listen = resolve(
+        &args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "0.0.0.0:7401".into()),
+    )?;
+    let seed = resolve(
+        &args
+            .seed
+            .or(file.seed)
+            .context("no seed: give --seed ADDR or `seed` in the config file")?,
+    )?;
+    let data = args
+        .data
+        .or(file.data)
+        .context("no data directory: give --data DIR or `data` in the config file")?;
+    let identity_dir = args.identity.or(file.identity).context(
+        "no identity: give --identity DIR (made with `pkgmesh ca issue --role node`) or `identity` in the config file",
+    )?;
+    let mut identity = load_identity(&identity_dir)?;
+    if let Some(crl) = args.crl.or(file.crl) {
+        identity
+            .load_crl(&crl)
+            .with_context(|| format!("cannot load the CRL {}", crl.display()))?;
+    }
+    let mut tags: Vec<(String, String)> = file.tags.into_iter().collect();
+    for tag in &args.tags {
+        let (key, value) = tag
+            .split_once('=')
+            .with_context(|| format!("--tag {tag:?} is not KEY=VALUE"))?;
+        tags.retain(|(k, _)| k != key);
+        tags.push((key.to_string(), value.to_string()));
+    }
+    let settings = NodeSettings {
+        listen,
+        seed,
+        data,
+        identity,
+        site: args.site.or(file.site).unwrap_or_else(|| "default".into()),
+        tags,
+        cache_budget: config::size_setting(
+            "cache budget",
+            args.cache_budget.as_deref(),
+            file.cache_budget.as_deref(),
+            NodeSettings::DEFAULT_CACHE_BUDGET,
+        )
+        .map_err(anyhow::Error::msg)?,
+    };
+    runtime()?.block_on(async move {
+        let running = peer::start(settings).await?;
+        if args.json {
+            print_json(&serde_json::json!({
+                "listening": running.local_addr.to_string(),
+                "site": running.state.settings.site,
+            }))?;
+        } else {
+            println!(
+                "node listening on {} (site {})",
+                running.local_addr, running.state.settings.site
+            );
+        }
+        wait_for_shutdown_signal().await;
+        running.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,419 @@
+//! The I/O driver around the swarm scheduler: it turns [`Action`]s into QUIC requests to peers
+//! and the seed, streams answers into the cache (which verifies every chunk before it is
+//! visible), and feeds what happened back as [`Event`]s.
+//!
+//! Owns: connections to peers (dialled on first use, reused, bounded by the scheduler's
+//! `max_peers_in_use`), one task per chunk request with a deadline, cancelling losers, and
+//! reporting progress. Does not own: any choice of chunk or source (the scheduler decides).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use pkgmesh_protocol::blob::{BlobId, ChunkHashes};
+use pkgmesh_protocol::wire::{ErrorCode, PeerInfo, Request, Response};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::NodeState;
+use crate::pki::Role;
+use crate::swarm::scheduler::{
+    Action, Event, FailReason, PeerCandidate, Scheduler, SchedulerConfig, Source,
+};
+use crate::transport::{self, PeerConnection, TransportError};
+
+/// Dialling a peer.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// One chunk request, from the request frame to the last payload byte.
+const CHUNK_DEADLINE: Duration = Duration::from_secs(60);
+/// Peers asked for in one `GetPeers`.
+const PEERS_PER_ASK: u32 = 32;
+
+/// Where a fetch's bytes came from, for `pkgmesh fetch --json` and the operator views.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FetchReport {
+    pub blob: String,
+    pub size: u64,
+    pub chunks: u32,
+    /// Chunks already in the cache when the fetch started (a resumed download).
+    pub chunks_already_held: u32,
+    pub bytes_from_seed: u64,
+    pub bytes_from_local_peers: u64,
+    pub bytes_from_remote_peers: u64,
+    pub peers_banned: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Fetches blob `blob` of `size` bytes into the cache, from peers where they can and from the
+/// seed where they cannot. Returns when every chunk is verified and in the cache.
+pub async fn fetch_blob(
+    state: Arc<NodeState>,
+    blob: BlobId,
+    size: u64,
+) -> anyhow::Result<FetchReport> {
+    let started = Instant::now();
+    let hashes = chunk_hashes(&state, blob, size).await?;
+    let layout = hashes.layout();
+    let have = match state.cache.bitfield(&blob) {
+        Some(have) => have,
+        None => pkgmesh_protocol::bitfield::Bitfield::new(layout.chunk_count())?,
+    };
+    let already = have.count_ones();
+    let mut scheduler = Scheduler::new(
+        layout,
+        have,
+        SchedulerConfig::default(),
+        rand::random::<u64>(),
+    )
+    .map_err(|e| anyhow!("cannot schedule blob {blob}: {e}"))?;
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let mut driver = Driver {
+        state: state.clone(),
+        blob,
+        hashes: Arc::new(hashes),
+        peers: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
+        addresses: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
+        running: HashMap::new(),
+        events: events_tx,
+        banned: Vec::new(),
+    };
+    // Discovery first, so chunks peers hold are not taken from the seed.
+    driver.ask_for_peers();
+    loop {
+        let now = Instant::now();
+        let mut done = false;
+        while let Some(action) = scheduler.poll_action(now) {
+            match action {
+                Action::Done => done = true,
+                other => driver.perform(other),
+            }
+        }
+        if done {
+            break;
+        }
+        let deadline = scheduler
+            .poll_timeout()
+            .unwrap_or_else(|| now + Duration::from_secs(1));
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { bail!("the fetch driver lost its event channel") };
+                if let Event::PeersDiscovered(candidates) = &event {
+                    tracing::debug!(%blob, peers = candidates.len(), "peers discovered");
+                }
+                scheduler.handle(event, Instant::now());
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                scheduler.handle(Event::Tick, Instant::now());
+            }
+        }
+    }
+    for (_, task) in driver.running.drain() {
+        task.abort();
+    }
+    let bytes = scheduler.bytes();
+    Ok(FetchReport {
+        blob: blob.to_hex(),
+        size,
+        chunks: layout.chunk_count(),
+        chunks_already_held: already,
+        bytes_from_seed: bytes.from_seed,
+        bytes_from_local_peers: bytes.from_local_peers,
+        bytes_from_remote_peers: bytes.from_remote_peers,
+        peers_banned: driver.banned,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The blob's chunk-hash list: from the cache, else from the seed, verified against the id.
+async fn chunk_hashes(state: &NodeState, blob: BlobId, size: u64) -> anyhow::Result<ChunkHashes> {
+    if let Some(hashes) = state.cache.chunk_hashes(&blob) {
+        return Ok(hashes);
+    }
+    let seed = state.seed().await?;
+    let response = seed.call(&Request::GetChunkHashes { blob, size }).await?;
+    let Response::ChunkHashes { packed, .. } = response else {
+        bail!("the seed answered GetChunkHashes with {response:?}");
+    };
+    let hashes = ChunkHashes::verify_packed(blob, size, &packed)
+        .with_context(|| format!("the seed's chunk list for blob {blob}"))?;
+    let cache = state.cache.clone();
+    let registered = hashes.clone();
+    tokio::task::spawn_blocking(move || cache.register_blob(&registered)).await??;
+    Ok(hashes)
+}
+
+type PeerConnections = Arc<tokio::sync::Mutex<HashMap<String, PeerConnection>>>;
+
+struct Driver {
+    state: Arc<NodeState>,
+    blob: BlobId,
+    hashes: Arc<ChunkHashes>,
+    peers: PeerConnections,
+    /// Where each peer listens, from the tracker's answers and the seed's redirects.
+    addresses: AddressBook,
+    running: HashMap<(Source, u32), tokio::task::JoinHandle<()>>,
+    events: mpsc::UnboundedSender<Event>,
+    banned: Vec<String>,
+}
+
+impl Driver {
+    fn perform(&mut self, action: Action) {
+        match action {
+            Action::Request {
+                from,
+                index,
+                after_peer_failure,
+            } => self.request(from, index, after_peer_failure),
+            Action::Cancel { from, index } => {
+                if let Some(task) = self.running.remove(&(from, index)) {
+                    task.abort();
+                }
+            }
+            Action::Ban { peer, reason } => {
+                tracing::warn!(blob = %self.blob, %peer, %reason, "peer banned for this blob");
+                self.banned.push(format!("{peer}: {reason}"));
+            }
+            Action::AskForPeers => self.ask_for_peers(),
+            Action::Done => {}
+        }
+    }
+
+    fn ask_for_peers(&mut self) {
+        let state = self.state.clone();
+        let events = self.events.clone();
+        let addresses = self.addresses.clone();
+        let blob = self.blob;
+        let size = self.hashes.layout().size();
+        tokio::spawn(async move {
+            let answer = async {
+                let seed = state.seed().await?;
+                let request = Request::GetPeers {
+                    blob,
+                    size,
+                    max: PEERS_PER_ASK,
+                };
+                match seed.call(&request).await? {
+                    Response::Peers(peers) => Ok::<_, anyhow::Error>(peers),
+                    other => Err(anyhow!("GetPeers answered with {other:?}")),
+                }
+            }
+            .await;
+            let peers = answer.unwrap_or_else(|error| {
+                tracing::info!(%error, "no peer list from the seed");
+                Vec::new()
+            });
+            let candidates = candidates(&state, &addresses, peers).await;
+            let _ = events.send(Event::PeersDiscovered(candidates));
+        });
+    }
+
+    fn request(&mut self, from: Source, index: u32, after_peer_failure: bool) {
+        let state = self.state.clone();
+        let peers = self.peers.clone();
+        let hashes = self.hashes.clone();
+        let events = self.events.clone();
+        let addresses = self.addresses.clone();
+        let key = (from.clone(), index);
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let result = tokio::time::timeout(
+                CHUNK_DEADLINE,
+                fetch_chunk(
+                    &state,
+                    &peers,
+                    &addresses,
+                    &hashes,
+                    &from,
+                    index,
+                    after_peer_failure,
+                ),
+            )
+            .await
+            .unwrap_or(Err(ChunkOutcome::Failed(FailReason::Timeout)));
+            let event = match result {
+                Ok(ChunkOutcome::Verified(bytes)) => {
+                    state.holdings_changed.notify_one();
+                    Event::ChunkVerified {
+                        peer: from,
+                        index,
+                        bytes,
+                        elapsed: started.elapsed(),
+                    }
+                }
+                Ok(ChunkOutcome::Redirected(peers)) => Event::SeedRedirected {
+                    index,
+                    peers: candidates(&state, &addresses, peers).await,
+                },
+                Ok(ChunkOutcome::Failed(reason)) | Err(ChunkOutcome::Failed(reason)) => {
+                    Event::ChunkFailed {
+                        peer: from,
+                        index,
+                        reason,
+                    }
+                }
+                Err(other) => {
+                    tracing::debug!(?other, "unexpected chunk outcome");
+                    Event::ChunkFailed {
+                        peer: from,
+                        index,
+                        reason: FailReason::ConnectionLost,
+                    }
+                }
+            };
+            let _ = events.send(event);
+        });
+        if let Some(old) = self.running.insert(key, task) {
+            old.abort();
+        }
+        self.running.retain(|_, task| !task.is_finished());
+    }
+}
+
+type AddressBook = Arc<tokio::sync::Mutex<HashMap<String, SocketAddr>>>;
+
+/// Peers as the scheduler wants them, remembering where each listens. This node is left out.
+async fn candidates(
+    state: &NodeState,
+    addresses: &AddressBook,
+    peers: Vec<PeerInfo>,
+) -> Vec<PeerCandidate> {
+    let own = state.settings.identity.name();
+    let mut book = addresses.lock().await;
+    peers
+        .into_iter()
+        .filter(|p| p.node != own)
+        .filter_map(|p| {
+            let addr = p.listen.parse::<SocketAddr>().ok()?;
+            book.insert(p.node.clone(), addr);
+            Some(PeerCandidate {
+                site_is_local: p.site == state.settings.site,
+                id: p.node,
+                chunks: p.chunks,
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug)]
+enum ChunkOutcome {
+    Verified(u64),
+    Redirected(Vec<PeerInfo>),
+    Failed(FailReason),
+}
+
+fn transport_failure(error: &TransportError) -> FailReason {
+    match error {
+        TransportError::Timeout { .. } => FailReason::Timeout,
+        TransportError::Frame(_) => FailReason::FrameTooLarge,
+        _ => FailReason::ConnectionLost,
+    }
+}
+
+/// A connection to `peer`, dialled on first use.
+async fn peer_connection(
+    state: &NodeState,
+    peers: &PeerConnections,
+    addresses: &AddressBook,
+    peer: &str,
+) -> Result<PeerConnection, FailReason> {
+    if let Some(conn) = peers.lock().await.get(peer) {
+        if conn.connection.close_reason().is_none() {
+            return Ok(conn.clone());
+        }
+    }
+    let addr = *addresses
+        .lock()
+        .await
+        .get(peer)
+        .ok_or(FailReason::ConnectionLost)?;
+    let conn = transport::connect(&state.endpoint, addr, Role::Node, PEER_CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| {
+            tracing::debug!(peer, %addr, error = %e, "cannot reach peer");
+            FailReason::ConnectionLost
+        })?;
+    if conn.peer.name != peer {
+        tracing::warn!(
+            peer,
+            actual = conn.peer.name,
+            "peer answered with another identity"
+        );
+        return Err(FailReason::Refused);
+    }
+    peers.lock().await.insert(peer.to_string(), conn.clone());
+    Ok(conn)
+}
+
+async fn fetch_chunk(
+    state: &NodeState,
+    peers: &PeerConnections,
+    addresses: &AddressBook,
+    hashes: &ChunkHashes,
+    from: &Source,
+    index: u32,
+    after_peer_failure: bool,
+) -> Result<ChunkOutcome, ChunkOutcome> {
+    let fail = ChunkOutcome::Failed;
+    let conn = match from {
+        Source::Seed => state
+            .seed()
+            .await
+            .map_err(|_| fail(FailReason::ConnectionLost))?
+            .connection()
+            .clone(),
+        Source::Peer(peer) => peer_connection(state, peers, addresses, peer)
+            .await
+            .map_err(fail)?,
+    };
+    let blob = hashes.id();
+    let request = Request::GetChunk {
+        blob,
+        index,
+        after_peer_failure,
+    };
+    let (response, _send, mut recv) = transport::request(&conn, &request, CHUNK_DEADLINE)
+        .await
+        .map_err(|e| fail(transport_failure(&e)))?;
+    let expected = hashes
+        .layout()
+        .chunk_len(index)
+        .map_err(|_| fail(FailReason::WrongLength))?;
+    match response {
+        Response::Chunk {
+            blob: got_blob,
+            index: got_index,
+            len,
+        } => {
+            if got_blob != blob || got_index != index || len != expected {
+                return Err(fail(FailReason::WrongLength));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            recv.read_exact(&mut bytes)
+                .await
+                .map_err(|_| fail(FailReason::ConnectionLost))?;
+            let cache = state.cache.clone();
+            let stored = tokio::task::spawn_blocking(move || cache.put_chunk(&blob, index, &bytes))
+                .await
+                .map_err(|_| fail(FailReason::ConnectionLost))?;
+            match stored {
+                Ok(()) => Ok(ChunkOutcome::Verified(len as u64)),
+                Err(pkgmesh_cache::CacheError::ChunkVerification { .. }) => {
+                    Err(fail(FailReason::BadHash))
+                }
+                Err(error) => {
+                    // Our own disk, not the peer: report it and stop blaming the source.
+                    tracing::error!(%blob, index, %error, "cannot store a verified chunk");
+                    Err(fail(FailReason::Refused))
+                }
+            }
+        }
+        Response::TryPeers { peers, .. } => Ok(ChunkOutcome::Redirected(peers)),
+        Response::Error(reply) => Err(fail(match reply.code {
+            ErrorCode::NotFound => FailReason::NotHeld,
+            _ => FailReason::Refused,
+        })),
+        _ => Err(fail(FailReason::WrongLength)),
+    }
+}

@@ -1,0 +1,2972 @@
+//! The download scheduler: which chunk of one blob to ask from which peer, when to go to the
+//! seed, when to duplicate, cancel or give up on a request, and when a peer is banned.
+//!
+//! A pure state machine in the manner of quinn-proto: the caller feeds [`Event`]s with
+//! [`Scheduler::handle`] and drains [`Action`]s with [`Scheduler::poll_action`] until it returns
+//! `None`; it calls `handle(Event::Tick, now)` when [`Scheduler::poll_timeout`] comes due. There
+//! are no sockets, tasks or clocks here: time is the `now` the caller passes, randomness comes
+//! from the seed given to [`Scheduler::new`], and nothing iterates a hash map, so one seed and
+//! one sequence of events always give the same actions. The real node, the unit tests below and
+//! the 10,000-node simulator drive this same code.
+//!
+//! Owns: the choice of chunk and source, per-source request windows sized from measured
+//! throughput, request timeouts, endgame, the redirect dance with origin admission, trust and
+//! bans of peers for this blob, and the counters operators read.
+//!
+//! Does not own: connections and streams, chunk verification and the cache (the caller verifies
+//! every chunk before it reports [`Event::ChunkVerified`], so a chunk that fails never reaches
+//! the cache), the tracker (the caller turns [`Action::AskForPeers`] into `GetPeers` and
+//! [`Action::Ban`] into a report), and other blobs (one scheduler per blob being fetched).
+//!
+//! # Policy
+//!
+//! - **Rarest first.** A peer with room in its window gets the chunk we lack that the fewest
+//!   reachable peers hold, ties broken by a per-chunk random rank drawn from the seed, among
+//!   chunks it holds and nobody is fetching. Different nodes draw different ranks, so a fleet
+//!   starting together spreads out over the chunks.
+//! - **Same site first.** Peers are served in the order local site, then measured rate, then a
+//!   random rank; local peers fill their windows first. With
+//!   [`SchedulerConfig::prefer_local_strictly`] (the default) a remote peer is only asked for a
+//!   chunk no reachable local peer can give, so a site pulls each chunk across its WAN link about
+//!   once.
+//! - **Windows.** Each source may have `rate × target_queue_time ÷ chunk_size` requests in
+//!   flight, clamped to `[min_in_flight_per_peer, max_in_flight_per_peer]`, starting at the
+//!   minimum until its rate is measured. The rate is measured between deliveries while the
+//!   source is busy, so concurrent streams and queued requests are both measured right. At most
+//!   `max_peers_in_use` peers have requests in flight at once (the driver's connection budget).
+//! - **The seed** is asked only for chunks no reachable peer holds (after peer discovery answered
+//!   once, or `seed.wait_for_peers` passed), at most `seed.max_in_flight` at once, backing off
+//!   after errors. When the seed answers `TryPeers` ([`Event::SeedRedirected`]), the chunk is
+//!   fetched from the named peers even if their bitfields do not show it yet (admission names
+//!   peers it has just served). A named peer that answers "not held" without having claimed the
+//!   chunk is asked again after a short, growing delay; a named peer that fails otherwise is
+//!   ruled out. Once no named or holding peer is left, or `seed.redirect_patience` has passed,
+//!   the chunk goes back to the seed with `after_peer_failure: true`, which admission serves.
+//!   The same happens to any chunk whose every holder failed us.
+//! - **Endgame.** Once at most `endgame_threshold` chunks are missing, a peer with room and no
+//!   fresh chunk to take gets a duplicate request for an outstanding chunk it holds (fewest
+//!   requests first, then oldest), up to `endgame_max_requests_per_chunk` requests per chunk.
+//!   Duplicates never go to the seed. When one copy verifies, the others get [`Action::Cancel`].
+//! - **Timeouts** (checked on [`Event::Tick`]): a request fails when its source delivered nothing
+//!   for `request_timeout` since it was sent, or when it is older than `request_max_age`. The
+//!   request is cancelled, the chunk is asked elsewhere, and the peer gets one strike per tick
+//!   however many of its requests timed out together (one stall is one offence).
+//! - **Misbehaving peers.** A bad hash, a wrong length or an oversized frame bans the peer for
+//!   this blob at once. `ban_after_timeouts` stalls in a row (a verified chunk resets the count),
+//!   or `ban_after_false_claims` "not held" answers for chunks its bitfield claimed, ban it too.
+//!   A banned peer gets no request again, even if rediscovered; [`Action::Ban`] is emitted once,
+//!   after a [`Action::Cancel`] for each of its outstanding requests. A lost connection is not
+//!   misbehaviour: the peer is put aside for `reconnect_backoff` (doubling on each loss, up to
+//!   `max_reconnect_backoff`) and its requests go elsewhere.
+//! - **Invariants** (checked by [`Scheduler::check_invariants`] after every step in the tests):
+//!   a chunk we hold is never requested; outside endgame a chunk has at most one request; no
+//!   source is asked beyond its window when the request is made; a banned or unreachable peer
+//!   has no request outstanding; [`Action::Done`] comes exactly once, when every chunk is
+//!   verified.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use pkgmesh_protocol::bitfield::Bitfield;
+use pkgmesh_protocol::blob::ChunkLayout;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::admission::DEFAULT_RECENT_WINDOW;
+
+/// A node's name, as its certificate and the tracker carry it.
+pub type PeerId = String;
+
+/// Where a chunk is asked from or came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    Seed,
+    Peer(PeerId),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Seed => write!(f, "the seed"),
+            Source::Peer(id) => write!(f, "peer {id}"),
+        }
+    }
+}
+
+/// A peer as discovery (the tracker, or a seed redirect) describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCandidate {
+    pub id: PeerId,
+    /// The peer announced the same site as this node.
+    pub site_is_local: bool,
+    /// Chunks it holds, when known. Bits are added to what is already known of the peer (a
+    /// tracker answer can be older than what the peer told us); a bitfield whose length is not
+    /// the blob's chunk count is ignored.
+    pub chunks: Option<Bitfield>,
+}
+
+/// Why a request for a chunk failed, as the driver saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailReason {
+    /// The bytes did not match the chunk hash (nothing reached the cache).
+    BadHash,
+    /// The chunk header or body had a length other than the chunk's.
+    WrongLength,
+    /// A control frame was over the wire limit.
+    FrameTooLarge,
+    /// The driver's own deadline passed (the scheduler also times requests out on `Tick`).
+    Timeout,
+    /// The source answered that it does not hold the chunk (`ErrorCode::NotFound`).
+    NotHeld,
+    /// The source refused for now: busy, over its upload cap, shutting down
+    /// (`ErrorCode::Unavailable`), or refused our role.
+    Refused,
+    /// The connection or the stream broke.
+    ConnectionLost,
+}
+
+impl FailReason {
+    /// What this failure bans a peer for at once, if anything.
+    fn immediate_ban(self) -> Option<BanReason> {
+        match self {
+            FailReason::BadHash => Some(BanReason::BadHash),
+            FailReason::WrongLength => Some(BanReason::WrongLength),
+            FailReason::FrameTooLarge => Some(BanReason::FrameTooLarge),
+            FailReason::Timeout
+            | FailReason::NotHeld
+            | FailReason::Refused
+            | FailReason::ConnectionLost => None,
+        }
+    }
+}
+
+/// Why a peer was banned for this blob (what the driver reports to the tracker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BanReason {
+    BadHash,
+    WrongLength,
+    FrameTooLarge,
+    /// Timed out `ban_after_timeouts` times in a row.
+    Stalled,
+    /// Answered "not held" `ban_after_false_claims` times for chunks its bitfield claimed.
+    FalseClaims,
+}
+
+impl fmt::Display for BanReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match self {
+            BanReason::BadHash => "sent a chunk that failed verification",
+            BanReason::WrongLength => "sent a chunk of the wrong length",
+            BanReason::FrameTooLarge => "sent a frame over the size limit",
+            BanReason::Stalled => "stopped answering requests",
+            BanReason::FalseClaims => "claimed chunks it did not hold",
+        };
+        f.write_str(text)
+    }
+}
+
+/// What happened, fed to [`Scheduler::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Peers from the tracker (`GetPeers`). The first one, even empty, also tells the scheduler
+    /// that discovery answered, so chunks nobody holds may now go to the seed.
+    PeersDiscovered(Vec<PeerCandidate>),
+    /// Everything a peer holds now (replaces what was known).
+    PeerHave { peer: PeerId, chunks: Bitfield },
+    /// A peer gained one chunk.
+    PeerHaveOne { peer: PeerId, index: u32 },
+    /// A chunk arrived and the caller verified it; `bytes` is its length, `elapsed` the time
+    /// from request to last byte (kept for operators).
+    ChunkVerified {
+        peer: Source,
+        index: u32,
+        bytes: u64,
+        elapsed: Duration,
+    },
+    /// A request failed. Reports for requests already cancelled or timed out are tolerated;
+    /// a bad hash, wrong length or oversized frame bans the peer whenever it is reported.
+    ChunkFailed {
+        peer: Source,
+        index: u32,
+        reason: FailReason,
+    },
+    /// The seed answered `TryPeers` for this chunk.
+    SeedRedirected {
+        index: u32,
+        peers: Vec<PeerCandidate>,
+    },
+    /// The connection to a peer is gone; its outstanding requests are void.
+    PeerDisconnected(PeerId),
+    /// Time passed: check timeouts, backoffs and deadlines.
+    Tick,
+}
+
+/// What the driver should do, drained from [`Scheduler::poll_action`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send `GetChunk { index, after_peer_failure }` to `from`.
+    Request {
+        from: Source,
+        index: u32,
+        after_peer_failure: bool,
+    },
+    /// Stop this request (reset the stream); whatever it reports afterwards is tolerated.
+    Cancel { from: Source, index: u32 },
+    /// Drop this peer for this blob and report it to the tracker. Emitted once per peer.
+    Ban { peer: PeerId, reason: BanReason },
+    /// Ask the tracker for (more) peers and feed the answer back as [`Event::PeersDiscovered`].
+    AskForPeers,
+    /// Every chunk is verified. Emitted exactly once.
+    Done,
+}
+
+/// How the seed (the origin, through admission) is used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedPolicy {
+    /// `false` never asks the seed (it is down, or a test wants peers only).
+    pub enabled: bool,
+    /// Requests to the seed in flight at once, the top of its window.
+    pub max_in_flight: u32,
+    /// Before peer discovery has answered once, chunks wait this long before the seed is asked
+    /// for them, so a node that has not heard of its peers yet does not pull from the origin.
+    pub wait_for_peers: Duration,
+    /// How long a redirected chunk waits for the named peers before going back to the seed with
+    /// `after_peer_failure`. Admission counts a node it served as a holder for its own recent
+    /// window; waiting as long gives such a node time to finish receiving the chunk.
+    pub redirect_patience: Duration,
+    /// First delay before asking a named peer again after it said "not held" for a chunk it
+    /// never claimed (it is probably still receiving it); doubles per answer up to
+    /// [`MAX_NOT_YET_RETRY`].
+    pub not_yet_retry: Duration,
+    /// Pause after a failed seed request, doubling per consecutive failure up to
+    /// `max_error_backoff`.
+    pub error_backoff: Duration,
+    pub max_error_backoff: Duration,
+}
+
+impl Default for SeedPolicy {
+    fn default() -> Self {
+        SeedPolicy {
+            enabled: true,
+            max_in_flight: 8,
+            wait_for_peers: Duration::from_secs(2),
+            redirect_patience: DEFAULT_RECENT_WINDOW,
+            not_yet_retry: Duration::from_millis(250),
+            error_backoff: Duration::from_secs(1),
+            max_error_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Tuning of one scheduler. Every field has a default suited to a fleet on a LAN or a WAN;
+/// out-of-range values are raised to the nearest sane one by [`Scheduler::new`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// Peers with requests in flight at once (connections the driver keeps busy). Default 12.
+    pub max_peers_in_use: usize,
+    /// Window of a source whose rate is not measured yet, and the floor of every window
+    /// (at least 1). Default 2: one request being served while the next is queued.
+    pub min_in_flight_per_peer: u32,
+    /// Ceiling of a peer's window. Default 16.
+    pub max_in_flight_per_peer: u32,
+    /// Work to keep queued at each source: window = rate × this ÷ chunk size. Default 500 ms,
+    /// enough to hide a WAN round trip, short enough that a stall strands little.
+    pub target_queue_time: Duration,
+    /// A request fails when its source delivered nothing for this long since it was sent.
+    /// Default 15 s.
+    pub request_timeout: Duration,
+    /// A request fails when older than this, even if its source keeps delivering other
+    /// chunks. Default 60 s.
+    pub request_max_age: Duration,
+    /// Endgame starts when this many chunks or fewer are missing; 0 disables it. Default 16.
+    pub endgame_threshold: u32,
+    /// Requests for one chunk at once in endgame, the first included. Default 3.
+    pub endgame_max_requests_per_chunk: u32,
+    /// Stalls in a row that ban a peer. Default 3.
+    pub ban_after_timeouts: u32,
+    /// "Not held" answers for claimed chunks that ban a peer. Default 3.
+    pub ban_after_false_claims: u32,
+    /// Ask a remote peer only for chunks no reachable local peer can give. Default true.
+    pub prefer_local_strictly: bool,
+    /// First pause after a lost connection; doubles per loss in a row. Default 2 s.
+    pub reconnect_backoff: Duration,
+    pub max_reconnect_backoff: Duration,
+    /// How often to check whether to ask the tracker for more peers. Default 10 s.
+    pub ask_for_peers_interval: Duration,
+    /// Ask for more peers when fewer reachable peers than this hold something we lack.
+    /// Default 4.
+    pub min_useful_peers: usize,
+    pub seed: SeedPolicy,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_peers_in_use: 12,
+            min_in_flight_per_peer: 2,
+            max_in_flight_per_peer: 16,
+            target_queue_time: Duration::from_millis(500),
+            request_timeout: Duration::from_secs(15),
+            request_max_age: Duration::from_secs(60),
+            endgame_threshold: 16,
+            endgame_max_requests_per_chunk: 3,
+            ban_after_timeouts: 3,
+            ban_after_false_claims: 3,
+            prefer_local_strictly: true,
+            reconnect_backoff: Duration::from_secs(2),
+            max_reconnect_backoff: Duration::from_secs(60),
+            ask_for_peers_interval: Duration::from_secs(10),
+            min_useful_peers: 4,
+            seed: SeedPolicy::default(),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    fn sanitized(mut self) -> Self {
+        self.max_peers_in_use = self.max_peers_in_use.max(1);
+        self.min_in_flight_per_peer = self.min_in_flight_per_peer.max(1);
+        self.max_in_flight_per_peer = self.max_in_flight_per_peer.max(self.min_in_flight_per_peer);
+        self.endgame_max_requests_per_chunk = self.endgame_max_requests_per_chunk.max(1);
+        self.ban_after_timeouts = self.ban_after_timeouts.max(1);
+        self.ban_after_false_claims = self.ban_after_false_claims.max(1);
+        self.max_reconnect_backoff = self.max_reconnect_backoff.max(self.reconnect_backoff);
+        // A zero interval would make `poll_timeout` due forever.
+        self.ask_for_peers_interval = self.ask_for_peers_interval.max(Duration::from_millis(1));
+        self.seed.max_in_flight = self.seed.max_in_flight.max(1);
+        self.seed.max_error_backoff = self.seed.max_error_backoff.max(self.seed.error_backoff);
+        self
+    }
+}
+
+/// Ceiling of the growing delay before a named peer that said "not held" is asked again.
+pub const MAX_NOT_YET_RETRY: Duration = Duration::from_secs(2);
+/// Deliveries closer together than this are pooled into the next rate sample, so that a burst
+/// of chunks finishing together does not read as an infinite rate.
+const MIN_RATE_SAMPLE: Duration = Duration::from_millis(1);
+/// Weight of a new sample in a source's smoothed rate: reacts within a few chunks, does not
+/// swing on one.
+const RATE_SMOOTHING: f64 = 0.25;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("the bitfield of chunks held has {got} bits, the blob has {expected} chunks")]
+    HaveLengthMismatch { expected: u32, got: u32 },
+}
+
+/// How far the blob is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    pub chunks_have: u32,
+    pub chunks_total: u32,
+    pub bytes_have: u64,
+    pub bytes_total: u64,
+}
+
+/// Verified payload bytes by where they came from (chunks held at start are not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ByteCounts {
+    pub from_seed: u64,
+    pub from_local_peers: u64,
+    pub from_remote_peers: u64,
+    /// Verified copies of chunks we already had (endgame races, late answers).
+    pub duplicate: u64,
+}
+
+/// One source as operators see it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SourceStats {
+    pub in_flight: u32,
+    /// Requests it may have in flight now.
+    pub window: u32,
+    /// Smoothed delivery rate, once measured.
+    pub rate_bytes_per_sec: Option<f64>,
+    pub chunks_received: u64,
+    pub bytes_received: u64,
+    /// Failed requests of every kind, timeouts included.
+    pub failures: u64,
+    pub timeouts: u64,
+    pub last_chunk_elapsed: Option<Duration>,
+}
+
+/// One peer as operators see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStats {
+    pub id: PeerId,
+    pub site_is_local: bool,
+    pub chunks_held: u32,
+    pub transfer: SourceStats,
+    pub consecutive_timeouts: u32,
+    pub false_claims: u32,
+    pub banned: Option<BanReason>,
+    /// Neither banned nor put aside after a lost connection.
+    pub reachable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SourceKey {
+    Seed,
+    Peer(usize),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Outstanding {
+    source: SourceKey,
+    sent_at: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Redirect {
+    /// Peers the seed named, in its order (same site first).
+    named: Vec<usize>,
+    /// After this the chunk goes back to the seed with `after_peer_failure`.
+    deadline: Instant,
+    /// Named peers that said "not held" and are asked again only from the given instant.
+    not_before: Vec<(usize, Instant)>,
+    not_yet_answers: u32,
+}
+
+#[derive(Debug, Clone)]
+enum Route {
+    /// From peers that hold it, or from the seed when none does.
+    Swarm,
+    /// The seed said "try these peers".
+    Redirected(Redirect),
+    /// Peers failed us: the seed, saying so.
+    SeedAfterPeerFailure,
+}
+
+/// Order of the chunks waiting for a first request: (availability, random rank, index).
+type WantedKey = (u32, u32, u32);
+
+#[derive(Debug)]
+struct ChunkState {
+    have: bool,
+    /// Reachable peers holding it, and how many of those are local.
+    availability: u32,
+    local_availability: u32,
+    rank: u32,
+    requests: Vec<Outstanding>,
+    /// Peers that failed a request for it (timeout, refusal, "not held"): asked elsewhere.
+    failed_by: Vec<usize>,
+    route: Route,
+    /// Its key in `Scheduler::wanted`, while it is there.
+    wanted_key: Option<WantedKey>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Transfer {
+    in_flight: u32,
+    rate: Option<f64>,
+    /// Since when it has had requests in flight without a break.
+    busy_since: Option<Instant>,
+    last_delivery: Option<Instant>,
+    unsampled_bytes: u64,
+    chunks_received: u64,
+    bytes_received: u64,
+    failures: u64,
+    timeouts: u64,
+    last_elapsed: Option<Duration>,
+}
+
+impl Transfer {
+    fn window(&self, chunk_size: u32, target: Duration, min: u32, max: u32) -> u32 {
+        match self.rate {
+            None => min,
+            Some(rate) => {
+                let chunks = (rate * target.as_secs_f64() / f64::from(chunk_size.max(1))).ceil();
+                // `as` saturates, and maps NaN to 0; the clamp does the rest.
+                (chunks as u32).clamp(min, max)
+            }
+        }
+    }
+
+    /// Counts a delivery; when it answered a request of ours, also samples the rate over the
+    /// time the source has been working since its previous delivery.
+    fn record_delivery(&mut self, bytes: u64, elapsed: Duration, now: Instant, requested: bool) {
+        if requested {
+            let start = match (self.busy_since, self.last_delivery) {
+                (Some(busy), Some(last)) => busy.max(last),
+                (Some(busy), None) => busy,
+                (None, Some(last)) => last,
+                (None, None) => now,
+            };
+            let interval = now.saturating_duration_since(start);
+            let total = self.unsampled_bytes.saturating_add(bytes);
+            if interval < MIN_RATE_SAMPLE {
+                self.unsampled_bytes = total;
+            } else {
+                let sample = total as f64 / interval.as_secs_f64();
+                self.rate = Some(match self.rate {
+                    None => sample,
+                    Some(old) => old + RATE_SMOOTHING * (sample - old),
+                });
+                self.unsampled_bytes = 0;
+            }
+        }
+        self.last_delivery = Some(now);
+        self.chunks_received += 1;
+        self.bytes_received = self.bytes_received.saturating_add(bytes);
+        self.last_elapsed = Some(elapsed);
+    }
+
+    fn stats(&self, window: u32) -> SourceStats {
+        SourceStats {
+            in_flight: self.in_flight,
+            window,
+            rate_bytes_per_sec: self.rate,
+            chunks_received: self.chunks_received,
+            bytes_received: self.bytes_received,
+            failures: self.failures,
+            timeouts: self.timeouts,
+            last_chunk_elapsed: self.last_elapsed,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Peer {
+    id: PeerId,
+    local: bool,
+    chunks: Bitfield,
+    held: u32,
+    rank: u64,
+    transfer: Transfer,
+    /// Counted in availability and eligible for requests: not banned and not put aside.
+    usable: bool,
+    banned: Option<BanReason>,
+    down_until: Option<Instant>,
+    connection_losses: u32,
+    consecutive_timeouts: u32,
+    false_claims: u32,
+}
+
+#[derive(Debug, Default)]
+struct SeedState {
+    transfer: Transfer,
+    backoff_until: Option<Instant>,
+    consecutive_errors: u32,
+}
+
+/// The download of one blob on one node. See the module documentation for the policy.
+#[derive(Debug)]
+pub struct Scheduler {
+    layout: ChunkLayout,
+    config: SchedulerConfig,
+    rng: StdRng,
+    chunks: Vec<ChunkState>,
+    have: Bitfield,
+    have_count: u32,
+    bytes_have: u64,
+    peers: Vec<Peer>,
+    peer_index: HashMap<PeerId, usize>,
+    seed: SeedState,
+    /// Chunks on the swarm route waiting for their first request.
+    wanted: BTreeSet<WantedKey>,
+    /// Redirected chunks waiting for a request to a named peer.
+    redirect_pending: BTreeSet<u32>,
+    /// Chunks waiting for a request to the seed with `after_peer_failure`.
+    seed_pending: BTreeSet<u32>,
+    /// Chunks with at least one request outstanding.
+    in_flight_chunks: BTreeSet<u32>,
+    actions: VecDeque<Action>,
+    /// Something changed since the last scheduling pass.
+    dirty: bool,
+    started: bool,
+    peers_discovered: bool,
+    seed_grace_until: Option<Instant>,
+    next_ask_for_peers: Option<Instant>,
+    done_emitted: bool,
+    bytes: ByteCounts,
+}
+
+fn doubling(base: Duration, max: Duration, times: u32) -> Duration {
+    let factor = 1u32 << times.saturating_sub(1).min(20);
+    base.checked_mul(factor).unwrap_or(max).min(max)
+}
+
+impl Scheduler {
+    /// A scheduler for a blob of `layout`, holding the chunks set in `have` already (a resumed
+    /// download). `seed` fixes every random choice.
+    pub fn new(
+        layout: ChunkLayout,
+        have: Bitfield,
+        config: SchedulerConfig,
+        seed: u64,
+    ) -> Result<Self, SchedulerError> {
+        let count = layout.chunk_count();
+        if have.len() != count {
+            return Err(SchedulerError::HaveLengthMismatch {
+                expected: count,
+                got: have.len(),
+            });
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let chunks: Vec<ChunkState> = (0..count)
+            .map(|index| ChunkState {
+                have: have.get(index),
+                availability: 0,
+                local_availability: 0,
+                rank: rng.random(),
+                requests: Vec::new(),
+                failed_by: Vec::new(),
+                route: Route::Swarm,
+                wanted_key: None,
+            })
+            .collect();
+        let bytes_have = have
+            .iter_ones()
+            .map(|index| u64::from(layout.chunk_len(index).unwrap_or(0)))
+            .sum();
+        let mut scheduler = Scheduler {
+            layout,
+            config: config.sanitized(),
+            rng,
+            chunks,
+            have_count: have.count_ones(),
+            have,
+            bytes_have,
+            peers: Vec::new(),
+            peer_index: HashMap::new(),
+            seed: SeedState::default(),
+            wanted: BTreeSet::new(),
+            redirect_pending: BTreeSet::new(),
+            seed_pending: BTreeSet::new(),
+            in_flight_chunks: BTreeSet::new(),
+            actions: VecDeque::new(),
+            dirty: true,
+            started: false,
+            peers_discovered: false,
+            seed_grace_until: None,
+            next_ask_for_peers: None,
+            done_emitted: false,
+            bytes: ByteCounts::default(),
+        };
+        for index in 0..count {
+            scheduler.index(index);
+        }
+        if scheduler.have_count == count {
+            scheduler.done_emitted = true;
+            scheduler.actions.push_back(Action::Done);
+        }
+        Ok(scheduler)
+    }
+
+    /// Takes one event in. Drain [`Scheduler::poll_action`] afterwards.
+    pub fn handle(&mut self, event: Event, now: Instant) {
+        self.start(now);
+        self.dirty = true;
+        match event {
+            Event::PeersDiscovered(candidates) => {
+                self.peers_discovered = true;
+                self.seed_grace_until = None;
+                for candidate in candidates {
+                    self.add_candidate(candidate);
+                }
+            }
+            Event::PeerHave { peer, chunks } => {
+                if chunks.len() == self.chunk_count() {
+                    let p = self.peer_slot(&peer);
+                    for index in 0..self.chunk_count() {
+                        self.set_peer_chunk(p, index, chunks.get(index));
+                    }
+                }
+            }
+            Event::PeerHaveOne { peer, index } => {
+                if index < self.chunk_count() {
+                    let p = self.peer_slot(&peer);
+                    self.set_peer_chunk(p, index, true);
+                }
+            }
+            Event::ChunkVerified {
+                peer,
+                index,
+                bytes,
+                elapsed,
+            } => self.on_verified(peer, index, bytes, elapsed, now),
+            Event::ChunkFailed {
+                peer,
+                index,
+                reason,
+            } => self.on_failed(peer, index, reason, now),
+            Event::SeedRedirected { index, peers } => self.on_redirected(index, peers, now),
+            Event::PeerDisconnected(peer) => {
+                if let Some(&p) = self.peer_index.get(&peer) {
+                    if self.peers[p].usable {
+                        self.take_down(p, now);
+                    }
+                }
+            }
+            Event::Tick => self.on_tick(now),
+        }
+    }
+
+    /// The next thing to do, or `None` when there is nothing until the next event.
+    pub fn poll_action(&mut self, now: Instant) -> Option<Action> {
+        self.start(now);
+        if self.actions.is_empty() && self.dirty {
+            self.dirty = false;
+            self.schedule(now);
+        }
+        self.actions.pop_front()
+    }
+
+    /// Every action due now (a convenience over [`Scheduler::poll_action`]).
+    pub fn actions(&mut self, now: Instant) -> Vec<Action> {
+        std::iter::from_fn(|| self.poll_action(now)).collect()
+    }
+
+    /// When the caller should send [`Event::Tick`] next at the latest: the earliest request
+    /// deadline, backoff end, retry time or peer-discovery check. `None` once done.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.done_emitted {
+            return None;
+        }
+        let mut earliest: Option<Instant> = None;
+        let mut consider = |at: Instant| {
+            earliest = Some(earliest.map_or(at, |e| e.min(at)));
+        };
+        for &index in &self.in_flight_chunks {
+            for request in &self.chunks[index as usize].requests {
+                consider(self.request_deadline(request));
+            }
+        }
+        for &index in &self.redirect_pending {
+            if let Route::Redirected(redirect) = &self.chunks[index as usize].route {
+                consider(redirect.deadline);
+                redirect.not_before.iter().for_each(|&(_, at)| consider(at));
+            }
+        }
+        self.peers
+            .iter()
+            .filter(|peer| peer.banned.is_none())
+            .filter_map(|peer| peer.down_until)
+            .for_each(&mut consider);
+        self.seed.backoff_until.into_iter().for_each(&mut consider);
+        self.seed_grace_until.into_iter().for_each(&mut consider);
+        self.next_ask_for_peers.into_iter().for_each(&mut consider);
+        earliest
+    }
+
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Every chunk is verified.
+    pub fn is_done(&self) -> bool {
+        self.have_count == self.chunk_count()
+    }
+
+    pub fn has_chunk(&self, index: u32) -> bool {
+        self.have.get(index)
+    }
+
+    /// The chunks verified so far.
+    pub fn have(&self) -> &Bitfield {
+        &self.have
+    }
+
+    pub fn progress(&self) -> Progress {
+        Progress {
+            chunks_have: self.have_count,
+            chunks_total: self.chunk_count(),
+            bytes_have: self.bytes_have,
+            bytes_total: self.layout.size(),
+        }
+    }
+
+    pub fn bytes(&self) -> ByteCounts {
+        self.bytes
+    }
+
+    /// Requests outstanding, duplicates included.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight_chunks
+            .iter()
+            .map(|&index| self.chunks[index as usize].requests.len() as u32)
+            .sum()
+    }
+
+    /// Duplicate requests are allowed (few chunks are missing).
+    pub fn is_endgame(&self) -> bool {
+        self.missing() <= self.config.endgame_threshold
+    }
+
+    pub fn seed_stats(&self) -> SourceStats {
+        self.seed.transfer.stats(self.seed_window())
+    }
+
+    /// Every peer ever heard of, in the order they were first heard of.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        (0..self.peers.len()).map(|p| self.stats_of(p)).collect()
+    }
+
+    pub fn peer(&self, id: &str) -> Option<PeerStats> {
+        self.peer_index.get(id).map(|&p| self.stats_of(p))
+    }
+
+    fn stats_of(&self, p: usize) -> PeerStats {
+        let peer = &self.peers[p];
+        PeerStats {
+            id: peer.id.clone(),
+            site_is_local: peer.local,
+            chunks_held: peer.held,
+            transfer: peer.transfer.stats(self.peer_window(p)),
+            consecutive_timeouts: peer.consecutive_timeouts,
+            false_claims: peer.false_claims,
+            banned: peer.banned,
+            reachable: peer.usable,
+        }
+    }
+
+    fn chunk_count(&self) -> u32 {
+        self.chunks.len() as u32
+    }
+
+    fn missing(&self) -> u32 {
+        self.chunk_count() - self.have_count
+    }
+
+    fn start(&mut self, now: Instant) {
+        if !self.started {
+            self.started = true;
+            if !self.peers_discovered {
+                self.seed_grace_until = Some(now + self.config.seed.wait_for_peers);
+            }
+        }
+    }
+
+    fn peer_window(&self, p: usize) -> u32 {
+        self.peers[p].transfer.window(
+            self.layout.chunk_size(),
+            self.config.target_queue_time,
+            self.config.min_in_flight_per_peer,
+            self.config.max_in_flight_per_peer,
+        )
+    }
+
+    fn seed_window(&self) -> u32 {
+        let max = self.config.seed.max_in_flight;
+        self.seed.transfer.window(
+            self.layout.chunk_size(),
+            self.config.target_queue_time,
+            self.config.min_in_flight_per_peer.min(max),
+            max,
+        )
+    }
+
+    fn transfer_mut(&mut self, key: SourceKey) -> &mut Transfer {
+        match key {
+            SourceKey::Seed => &mut self.seed.transfer,
+            SourceKey::Peer(p) => &mut self.peers[p].transfer,
+        }
+    }
+
+    fn transfer(&self, key: SourceKey) -> &Transfer {
+        match key {
+            SourceKey::Seed => &self.seed.transfer,
+            SourceKey::Peer(p) => &self.peers[p].transfer,
+        }
+    }
+
+    fn source_of(&self, key: SourceKey) -> Source {
+        match key {
+            SourceKey::Seed => Source::Seed,
+            SourceKey::Peer(p) => Source::Peer(self.peers[p].id.clone()),
+        }
+    }
+
+    // ---- the waiting sets ----
+
+    /// Puts a chunk that needs a request into the set its route draws from.
+    fn index(&mut self, index: u32) {
+        let chunk = &mut self.chunks[index as usize];
+        if chunk.have || !chunk.requests.is_empty() {
+            return;
+        }
+        match chunk.route {
+            Route::Swarm => {
+                let key = (chunk.availability, chunk.rank, index);
+                chunk.wanted_key = Some(key);
+                self.wanted.insert(key);
+            }
+            Route::Redirected(_) => {
+                self.redirect_pending.insert(index);
+            }
+            Route::SeedAfterPeerFailure => {
+                self.seed_pending.insert(index);
+            }
+        }
+    }
+
+    fn unindex(&mut self, index: u32) {
+        if let Some(key) = self.chunks[index as usize].wanted_key.take() {
+            self.wanted.remove(&key);
+        }
+        self.redirect_pending.remove(&index);
+        self.seed_pending.remove(&index);
+    }
+
+    fn set_route(&mut self, index: u32, route: Route) {
+        self.unindex(index);
+        self.chunks[index as usize].route = route;
+        self.index(index);
+    }
+
+    // ---- peers and what they hold ----
+
+    fn peer_slot(&mut self, id: &str) -> usize {
+        if let Some(&p) = self.peer_index.get(id) {
+            return p;
+        }
+        let p = self.peers.len();
+        let mut chunks = self.have.clone();
+        for index in self.have.iter_ones() {
+            chunks.set(index, false);
+        }
+        self.peers.push(Peer {
+            id: id.to_string(),
+            local: false,
+            chunks,
+            held: 0,
+            rank: self.rng.random(),
+            transfer: Transfer::default(),
+            usable: true,
+            banned: None,
+            down_until: None,
+            connection_losses: 0,
+            consecutive_timeouts: 0,
+            false_claims: 0,
+        });
+        self.peer_index.insert(id.to_string(), p);
+        p
+    }
+
+    fn add_candidate(&mut self, candidate: PeerCandidate) -> usize {
+        let p = self.peer_slot(&candidate.id);
+        self.set_local(p, candidate.site_is_local);
+        if let Some(chunks) = candidate.chunks {
+            if chunks.len() == self.chunk_count() {
+                for index in chunks.iter_ones() {
+                    self.set_peer_chunk(p, index, true);
+                }
+            }
+        }
+        p
+    }
+
+    fn set_local(&mut self, p: usize, local: bool) {
+        if self.peers[p].local == local {
+            return;
+        }
+        self.peers[p].local = local;
+        if self.peers[p].usable {
+            let held: Vec<u32> = self.peers[p].chunks.iter_ones().collect();
+            for index in held {
+                let chunk = &mut self.chunks[index as usize];
+                if local {
+                    chunk.local_availability += 1;
+                } else {
+                    chunk.local_availability = chunk.local_availability.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    fn adjust_availability(&mut self, index: u32, up: bool, local: bool) {
+        let position = self.chunks[index as usize].wanted_key.take();
+        if let Some(key) = position {
+            self.wanted.remove(&key);
+        }
+        let chunk = &mut self.chunks[index as usize];
+        if up {
+            chunk.availability += 1;
+            chunk.local_availability += u32::from(local);
+        } else {
+            chunk.availability = chunk.availability.saturating_sub(1);
+            chunk.local_availability = chunk.local_availability.saturating_sub(u32::from(local));
+        }
+        if position.is_some() {
+            let key = (chunk.availability, chunk.rank, index);
+            chunk.wanted_key = Some(key);
+            self.wanted.insert(key);
+        }
+    }
+
+    fn set_peer_chunk(&mut self, p: usize, index: u32, value: bool) {
+        let peer = &mut self.peers[p];
+        if peer.chunks.get(index) == value || !peer.chunks.set(index, value) {
+            return;
+        }
+        if value {
+            peer.held += 1;
+        } else {
+            peer.held = peer.held.saturating_sub(1);
+        }
+        let (usable, local) = (peer.usable, peer.local);
+        if usable {
+            self.adjust_availability(index, value, local);
+        }
+        if value {
+            // It holds the chunk now: no reason to wait before asking it.
+            if let Route::Redirected(redirect) = &mut self.chunks[index as usize].route {
+                redirect.not_before.retain(|&(q, _)| q != p);
+            }
+        }
+    }
+
+    fn set_usable(&mut self, p: usize, usable: bool) {
+        if self.peers[p].usable == usable {
+            return;
+        }
+        self.peers[p].usable = usable;
+        let local = self.peers[p].local;
+        let held: Vec<u32> = self.peers[p].chunks.iter_ones().collect();
+        for index in held {
+            self.adjust_availability(index, usable, local);
+        }
+    }
+
+    /// Puts a peer aside after a lost connection; its requests go elsewhere.
+    fn take_down(&mut self, p: usize, now: Instant) {
+        let peer = &mut self.peers[p];
+        peer.connection_losses = peer.connection_losses.saturating_add(1);
+        peer.down_until = Some(
+            now + doubling(
+                self.config.reconnect_backoff,
+                self.config.max_reconnect_backoff,
+                peer.connection_losses,
+            ),
+        );
+        self.set_usable(p, false);
+        // The connection is gone: nothing to cancel.
+        for index in self.drop_requests_of(SourceKey::Peer(p)) {
+            self.requeue_after_peer_failure(index, now);
+        }
+    }
+
+    fn ban(&mut self, p: usize, reason: BanReason, now: Instant) {
+        if self.peers[p].banned.is_some() {
+            return;
+        }
+        self.peers[p].banned = Some(reason);
+        self.peers[p].down_until = None;
+        self.set_usable(p, false);
+        let id = self.peers[p].id.clone();
+        let dropped = self.drop_requests_of(SourceKey::Peer(p));
+        for &index in &dropped {
+            self.actions.push_back(Action::Cancel {
+                from: Source::Peer(id.clone()),
+                index,
+            });
+        }
+        for index in dropped {
+            self.requeue_after_peer_failure(index, now);
+        }
+        self.actions.push_back(Action::Ban { peer: id, reason });
+    }
+
+    /// One stall of a peer (however many of its requests timed out together).
+    fn stall_strike(&mut self, p: usize, now: Instant) {
+        let peer = &mut self.peers[p];
+        peer.consecutive_timeouts += 1;
+        // Start it over at the smallest window: whatever it measured before is not true now.
+        peer.transfer.rate = None;
+        if peer.consecutive_timeouts >= self.config.ban_after_timeouts {
+            self.ban(p, BanReason::Stalled, now);
+        }
+    }
+
+    fn seed_error(&mut self, now: Instant) {
+        self.seed.consecutive_errors = self.seed.consecutive_errors.saturating_add(1);
+        self.seed.backoff_until = Some(
+            now + doubling(
+                self.config.seed.error_backoff,
+                self.config.seed.max_error_backoff,
+                self.seed.consecutive_errors,
+            ),
+        );
+    }
+
+    // ---- requests ----
+
+    fn issue(&mut self, key: SourceKey, index: u32, now: Instant, after_peer_failure: bool) {
+        self.unindex(index);
+        self.chunks[index as usize].requests.push(Outstanding {
+            source: key,
+            sent_at: now,
+        });
+        self.in_flight_chunks.insert(index);
+        let transfer = self.transfer_mut(key);
+        if transfer.in_flight == 0 {
+            transfer.busy_since = Some(now);
+        }
+        transfer.in_flight += 1;
+        let from = self.source_of(key);
+        self.actions.push_back(Action::Request {
+            from,
+            index,
+            after_peer_failure,
+        });
+    }
+
+    /// Forgets one request; the caller puts the chunk back where it belongs.
+    fn remove_request(&mut self, index: u32, key: SourceKey) -> Option<Outstanding> {
+        let chunk = &mut self.chunks[index as usize];
+        let position = chunk.requests.iter().position(|r| r.source == key)?;
+        let request = chunk.requests.swap_remove(position);
+        if chunk.requests.is_empty() {
+            self.in_flight_chunks.remove(&index);
+        }
+        let transfer = self.transfer_mut(key);
+        transfer.in_flight = transfer.in_flight.saturating_sub(1);
+        if transfer.in_flight == 0 {
+            transfer.busy_since = None;
+        }
+        Some(request)
+    }
+
+    fn drop_requests_of(&mut self, key: SourceKey) -> Vec<u32> {
+        let chunks: Vec<u32> = self
+            .in_flight_chunks
+            .iter()
+            .copied()
+            .filter(|&index| {
+                self.chunks[index as usize]
+                    .requests
+                    .iter()
+                    .any(|r| r.source == key)
+            })
+            .collect();
+        for &index in &chunks {
+            self.remove_request(index, key);
+        }
+        chunks
+    }
+
+    fn request_deadline(&self, request: &Outstanding) -> Instant {
+        let progress = self
+            .transfer(request.source)
+            .last_delivery
+            .map_or(request.sent_at, |last| last.max(request.sent_at));
+        (progress + self.config.request_timeout).min(request.sent_at + self.config.request_max_age)
+    }
+
+    fn note_failed_by(&mut self, index: u32, p: usize) {
+        let failed = &mut self.chunks[index as usize].failed_by;
+        if !failed.contains(&p) {
+            failed.push(p);
+        }
+    }
+
+    /// A reachable peer that could still give the chunk: it holds it or the seed named it,
+    /// and it has not failed it.
+    fn has_viable_peer(&self, index: u32) -> bool {
+        let chunk = &self.chunks[index as usize];
+        let named: &[usize] = match &chunk.route {
+            Route::Redirected(redirect) => &redirect.named,
+            _ => &[],
+        };
+        self.peers.iter().enumerate().any(|(p, peer)| {
+            peer.usable
+                && !chunk.failed_by.contains(&p)
+                && (peer.chunks.get(index) || named.contains(&p))
+        })
+    }
+
+    /// A reachable local peer that holds the chunk and has not failed it.
+    fn has_viable_local_holder(&self, index: u32) -> bool {
+        let chunk = &self.chunks[index as usize];
+        if chunk.local_availability == 0 {
+            return false;
+        }
+        let failed_locals = chunk
+            .failed_by
+            .iter()
+            .filter(|&&q| {
+                let peer = &self.peers[q];
+                peer.usable && peer.local && peer.chunks.get(index)
+            })
+            .count() as u32;
+        chunk.local_availability > failed_locals
+    }
+
+    /// Puts a chunk whose request to a peer ended without it back in line: with the seed
+    /// (saying peers failed) once no peer is left that could give it.
+    fn requeue_after_peer_failure(&mut self, index: u32, now: Instant) {
+        let chunk = &self.chunks[index as usize];
+        if chunk.have || !chunk.requests.is_empty() {
+            return;
+        }
+        let expired =
+            matches!(&chunk.route, Route::Redirected(redirect) if now >= redirect.deadline);
+        if expired || !self.has_viable_peer(index) {
+            self.set_route(index, Route::SeedAfterPeerFailure);
+        } else {
+            self.unindex(index);
+            self.index(index);
+        }
+    }
+
+    // ---- events ----
+
+    fn on_verified(
+        &mut self,
+        source: Source,
+        index: u32,
+        bytes: u64,
+        elapsed: Duration,
+        now: Instant,
+    ) {
+        if index >= self.chunk_count() {
+            return;
+        }
+        let key = match &source {
+            Source::Seed => SourceKey::Seed,
+            Source::Peer(id) => SourceKey::Peer(self.peer_slot(id)),
+        };
+        let requested = self.chunks[index as usize]
+            .requests
+            .iter()
+            .any(|r| r.source == key);
+        // Sample before the request is forgotten: that may end the source's busy period.
+        self.transfer_mut(key)
+            .record_delivery(bytes, elapsed, now, requested);
+        if requested {
+            self.remove_request(index, key);
+        }
+        match key {
+            SourceKey::Seed => self.seed.consecutive_errors = 0,
+            SourceKey::Peer(p) => {
+                self.peers[p].consecutive_timeouts = 0;
+                self.peers[p].connection_losses = 0;
+                self.set_peer_chunk(p, index, true);
+            }
+        }
+        if self.chunks[index as usize].have {
+            self.bytes.duplicate = self.bytes.duplicate.saturating_add(bytes);
+            return;
+        }
+        self.unindex(index);
+        self.chunks[index as usize].have = true;
+        self.have.set(index, true);
+        self.have_count += 1;
+        self.bytes_have += u64::from(self.layout.chunk_len(index).unwrap_or(0));
+        let counter = match key {
+            SourceKey::Seed => &mut self.bytes.from_seed,
+            SourceKey::Peer(p) if self.peers[p].local => &mut self.bytes.from_local_peers,
+            SourceKey::Peer(_) => &mut self.bytes.from_remote_peers,
+        };
+        *counter = counter.saturating_add(bytes);
+        // Endgame losers.
+        let losers: Vec<SourceKey> = self.chunks[index as usize]
+            .requests
+            .iter()
+            .map(|r| r.source)
+            .collect();
+        for loser in losers {
+            self.remove_request(index, loser);
+            let from = self.source_of(loser);
+            self.actions.push_back(Action::Cancel { from, index });
+        }
+        let chunk = &mut self.chunks[index as usize];
+        chunk.route = Route::Swarm;
+        chunk.failed_by = Vec::new();
+        if self.have_count == self.chunk_count() && !self.done_emitted {
+            self.done_emitted = true;
+            self.actions.push_back(Action::Done);
+        }
+    }
+
+    fn on_failed(&mut self, source: Source, index: u32, reason: FailReason, now: Instant) {
+        if index >= self.chunk_count() {
+            return;
+        }
+        let key = match &source {
+            Source::Seed => SourceKey::Seed,
+            Source::Peer(id) => match self.peer_index.get(id) {
+                Some(&p) => SourceKey::Peer(p),
+                // Never asked, so nothing to undo; nor can a stranger be reported.
+                None => return,
+            },
+        };
+        let outstanding = self.remove_request(index, key).is_some();
+        let p = match key {
+            SourceKey::Seed => {
+                if outstanding {
+                    self.seed.transfer.failures += 1;
+                    if reason == FailReason::Timeout {
+                        self.seed.transfer.timeouts += 1;
+                    }
+                    self.seed_error(now);
+                    self.unindex(index);
+                    self.index(index);
+                }
+                return;
+            }
+            SourceKey::Peer(p) => p,
+        };
+        if outstanding || reason.immediate_ban().is_some() {
+            self.peers[p].transfer.failures += 1;
+        }
+        if let Some(ban) = reason.immediate_ban() {
+            // Whenever it is reported: the bytes were hostile even if we no longer wanted them.
+            self.ban(p, ban, now);
+        } else if outstanding {
+            match reason {
+                FailReason::Timeout => {
+                    self.peers[p].transfer.timeouts += 1;
+                    self.note_failed_by(index, p);
+                    self.stall_strike(p, now);
+                }
+                FailReason::NotHeld => self.on_not_held(p, index, now),
+                FailReason::Refused => {
+                    self.note_failed_by(index, p);
+                    // It is overloaded: back to the smallest window until it proves otherwise.
+                    self.peers[p].transfer.rate = None;
+                }
+                FailReason::ConnectionLost => self.take_down(p, now),
+                FailReason::BadHash | FailReason::WrongLength | FailReason::FrameTooLarge => {}
+            }
+        } else if reason == FailReason::ConnectionLost && self.peers[p].usable {
+            self.take_down(p, now);
+        }
+        if outstanding {
+            self.requeue_after_peer_failure(index, now);
+        }
+    }
+
+    fn on_not_held(&mut self, p: usize, index: u32, now: Instant) {
+        let claimed = self.peers[p].chunks.get(index);
+        if claimed {
+            self.set_peer_chunk(p, index, false);
+            self.peers[p].false_claims += 1;
+            if self.peers[p].false_claims >= self.config.ban_after_false_claims {
+                self.ban(p, BanReason::FalseClaims, now);
+                return;
+            }
+        }
+        let base = self.config.seed.not_yet_retry;
+        let chunk = &mut self.chunks[index as usize];
+        match &mut chunk.route {
+            // Named by the seed without claiming the chunk: it is probably still receiving it.
+            Route::Redirected(redirect)
+                if !claimed && redirect.named.contains(&p) && now < redirect.deadline =>
+            {
+                redirect.not_yet_answers = redirect.not_yet_answers.saturating_add(1);
+                let delay = doubling(base, MAX_NOT_YET_RETRY.max(base), redirect.not_yet_answers);
+                redirect.not_before.retain(|&(q, _)| q != p);
+                redirect.not_before.push((p, now + delay));
+            }
+            _ => {
+                if !chunk.failed_by.contains(&p) {
+                    chunk.failed_by.push(p);
+                }
+            }
+        }
+    }
+
+    fn on_redirected(&mut self, index: u32, candidates: Vec<PeerCandidate>, now: Instant) {
+        if index >= self.chunk_count() {
+            return;
+        }
+        if self.remove_request(index, SourceKey::Seed).is_some() {
+            self.seed.consecutive_errors = 0;
+        }
+        let mut named = Vec::new();
+        for candidate in candidates {
+            let p = self.add_candidate(candidate);
+            if self.peers[p].banned.is_none() && !named.contains(&p) {
+                named.push(p);
+            }
+        }
+        if self.chunks[index as usize].have {
+            return;
+        }
+        self.unindex(index);
+        let patience = self.config.seed.redirect_patience;
+        let chunk = &mut self.chunks[index as usize];
+        match &mut chunk.route {
+            Route::Swarm => {
+                chunk.route = Route::Redirected(Redirect {
+                    named,
+                    deadline: now + patience,
+                    not_before: Vec::new(),
+                    not_yet_answers: 0,
+                });
+            }
+            // A second redirect adds names but does not extend the wait.
+            Route::Redirected(redirect) => {
+                for p in named {
+                    if !redirect.named.contains(&p) {
+                        redirect.named.push(p);
+                    }
+                }
+            }
+            // We already told the seed peers failed; a late redirect changes nothing.
+            Route::SeedAfterPeerFailure => {}
+        }
+        self.index(index);
+        self.requeue_after_peer_failure(index, now);
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        if self.seed.backoff_until.is_some_and(|at| at <= now) {
+            self.seed.backoff_until = None;
+        }
+        if self.seed_grace_until.is_some_and(|at| at <= now) {
+            self.seed_grace_until = None;
+        }
+        for p in 0..self.peers.len() {
+            let peer = &self.peers[p];
+            if peer.banned.is_none() && peer.down_until.is_some_and(|at| at <= now) {
+                self.peers[p].down_until = None;
+                self.set_usable(p, true);
+            }
+        }
+        let mut expired: Vec<(u32, SourceKey)> = Vec::new();
+        for &index in &self.in_flight_chunks {
+            for request in &self.chunks[index as usize].requests {
+                if self.request_deadline(request) <= now {
+                    expired.push((index, request.source));
+                }
+            }
+        }
+        let mut stalled: Vec<usize> = Vec::new();
+        let mut seed_stalled = false;
+        for (index, key) in expired {
+            if self.remove_request(index, key).is_none() {
+                continue;
+            }
+            let from = self.source_of(key);
+            self.actions.push_back(Action::Cancel { from, index });
+            let transfer = self.transfer_mut(key);
+            transfer.failures += 1;
+            transfer.timeouts += 1;
+            match key {
+                SourceKey::Seed => {
+                    seed_stalled = true;
+                    self.unindex(index);
+                    self.index(index);
+                }
+                SourceKey::Peer(p) => {
+                    self.note_failed_by(index, p);
+                    if !stalled.contains(&p) {
+                        stalled.push(p);
+                    }
+                    self.requeue_after_peer_failure(index, now);
+                }
+            }
+        }
+        for p in stalled {
+            self.stall_strike(p, now);
+        }
+        if seed_stalled {
+            self.seed_error(now);
+        }
+        let pending: Vec<u32> = self.redirect_pending.iter().copied().collect();
+        for index in pending {
+            if let Route::Redirected(redirect) = &mut self.chunks[index as usize].route {
+                if now >= redirect.deadline {
+                    self.set_route(index, Route::SeedAfterPeerFailure);
+                } else {
+                    redirect.not_before.retain(|&(_, at)| at > now);
+                }
+            }
+        }
+    }
+
+    // ---- the scheduling pass ----
+
+    fn schedule(&mut self, now: Instant) {
+        if self.done_emitted {
+            return;
+        }
+        self.maybe_ask_for_peers(now);
+        let order = self.peer_order();
+        let mut in_use = self
+            .peers
+            .iter()
+            .filter(|peer| peer.transfer.in_flight > 0)
+            .count();
+        self.assign_redirected(&order, &mut in_use, now);
+        for &p in &order {
+            while self.can_take_more(p, in_use) {
+                let Some(index) = self.pick_fresh(p) else {
+                    break;
+                };
+                in_use += usize::from(self.peers[p].transfer.in_flight == 0);
+                self.issue(SourceKey::Peer(p), index, now, false);
+            }
+        }
+        self.assign_seed(now);
+        if self.is_endgame() {
+            for &p in &order {
+                while self.can_take_more(p, in_use) {
+                    let Some(index) = self.pick_duplicate(p) else {
+                        break;
+                    };
+                    in_use += usize::from(self.peers[p].transfer.in_flight == 0);
+                    self.issue(SourceKey::Peer(p), index, now, false);
+                }
+            }
+        }
+    }
+
+    fn maybe_ask_for_peers(&mut self, now: Instant) {
+        if self.next_ask_for_peers.is_some_and(|at| now < at) {
+            return;
+        }
+        self.next_ask_for_peers = Some(now + self.config.ask_for_peers_interval);
+        if !self.peers_discovered || self.useful_peers() < self.config.min_useful_peers {
+            self.actions.push_back(Action::AskForPeers);
+        }
+    }
+
+    /// Reachable peers that hold something we lack.
+    fn useful_peers(&self) -> usize {
+        self.peers
+            .iter()
+            .filter(|peer| peer.usable)
+            .filter(|peer| {
+                peer.chunks
+                    .iter_ones()
+                    .any(|index| !self.chunks[index as usize].have)
+            })
+            .count()
+    }
+
+    /// Reachable peers, best first: local site, then measured rate, then a random rank.
+    fn peer_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.peers.len())
+            .filter(|&p| self.peers[p].usable)
+            .collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&self.peers[a], &self.peers[b]);
+            b.local
+                .cmp(&a.local)
+                .then_with(|| {
+                    let rate_a = a.transfer.rate.unwrap_or(0.0);
+                    b.transfer.rate.unwrap_or(0.0).total_cmp(&rate_a)
+                })
+                .then_with(|| a.rank.cmp(&b.rank))
+        });
+        order
+    }
+
+    fn can_take_more(&self, p: usize, in_use: usize) -> bool {
+        let peer = &self.peers[p];
+        peer.usable
+            && peer.transfer.in_flight < self.peer_window(p)
+            && (peer.transfer.in_flight > 0 || in_use < self.config.max_peers_in_use)
+    }
+
+    fn assign_redirected(&mut self, order: &[usize], in_use: &mut usize, now: Instant) {
+        let pending: Vec<u32> = self.redirect_pending.iter().copied().collect();
+        for index in pending {
+            let expired = matches!(
+                &self.chunks[index as usize].route,
+                Route::Redirected(redirect) if now >= redirect.deadline
+            );
+            if expired || !self.has_viable_peer(index) {
+                self.set_route(index, Route::SeedAfterPeerFailure);
+                continue;
+            }
+            if let Some(p) = self.pick_peer_for_redirect(index, order, *in_use, now) {
+                *in_use += usize::from(self.peers[p].transfer.in_flight == 0);
+                self.issue(SourceKey::Peer(p), index, now, false);
+            }
+        }
+    }
+
+    fn pick_peer_for_redirect(
+        &self,
+        index: u32,
+        order: &[usize],
+        in_use: usize,
+        now: Instant,
+    ) -> Option<usize> {
+        let chunk = &self.chunks[index as usize];
+        let Route::Redirected(redirect) = &chunk.route else {
+            return None;
+        };
+        let viable = |p: usize| {
+            let peer = &self.peers[p];
+            peer.usable
+                && !chunk.failed_by.contains(&p)
+                && (peer.chunks.get(index) || redirect.named.contains(&p))
+        };
+        let wait_for_local = self.config.prefer_local_strictly
+            && redirect
+                .named
+                .iter()
+                .chain(order)
+                .any(|&p| self.peers[p].local && viable(p));
+        // The seed's names first, in its order (same site first), then anyone holding it.
+        redirect.named.iter().chain(order).copied().find(|&p| {
+            viable(p)
+                && (!wait_for_local || self.peers[p].local)
+                && !redirect
+                    .not_before
+                    .iter()
+                    .any(|&(q, at)| q == p && at > now)
+                && self.can_take_more(p, in_use)
+        })
+    }
+
+    /// The rarest chunk `p` can give that nobody is fetching.
+    fn pick_fresh(&self, p: usize) -> Option<u32> {
+        let peer = &self.peers[p];
+        let remote_waits_for_local = self.config.prefer_local_strictly && !peer.local;
+        let eligible = |index: u32| {
+            peer.chunks.get(index)
+                && !self.chunks[index as usize].failed_by.contains(&p)
+                && !(remote_waits_for_local && self.has_viable_local_holder(index))
+        };
+        // Walking the wanted chunks rarest first finds one quickly when the peer holds a fair
+        // share of them; otherwise walk the peer's few chunks and take the rarest.
+        if (peer.held as usize).saturating_mul(4) >= self.wanted.len() {
+            self.wanted
+                .range((1, 0, 0)..)
+                .map(|&(_, _, index)| index)
+                .find(|&index| eligible(index))
+        } else {
+            peer.chunks
+                .iter_ones()
+                .filter_map(|index| self.chunks[index as usize].wanted_key)
+                .filter(|&(_, _, index)| eligible(index))
+                .min()
+                .map(|(_, _, index)| index)
+        }
+    }
+
+    /// In endgame: an outstanding chunk `p` holds and is not already fetching, fewest requests
+    /// first, then the longest outstanding. The same-site rule holds here too: every node of a
+    /// site duplicating its last chunks across the WAN would add up to a copy of the blob.
+    fn pick_duplicate(&self, p: usize) -> Option<u32> {
+        let peer = &self.peers[p];
+        let remote_waits_for_local = self.config.prefer_local_strictly && !peer.local;
+        let max = self.config.endgame_max_requests_per_chunk as usize;
+        self.in_flight_chunks
+            .iter()
+            .copied()
+            .filter(|&index| {
+                let chunk = &self.chunks[index as usize];
+                chunk.requests.len() < max
+                    && peer.chunks.get(index)
+                    && !chunk.failed_by.contains(&p)
+                    && !chunk
+                        .requests
+                        .iter()
+                        .any(|r| r.source == SourceKey::Peer(p))
+                    && !(remote_waits_for_local && self.has_viable_local_holder(index))
+            })
+            .min_by_key(|&index| {
+                let chunk = &self.chunks[index as usize];
+                let oldest = chunk.requests.iter().map(|r| r.sent_at).min();
+                (chunk.requests.len(), oldest, chunk.rank)
+            })
+    }
+
+    fn seed_allowed(&self, now: Instant) -> bool {
+        self.config.seed.enabled
+            && self.seed.backoff_until.is_none_or(|at| now >= at)
+            && (self.peers_discovered || self.seed_grace_until.is_none_or(|at| now >= at))
+    }
+
+    fn assign_seed(&mut self, now: Instant) {
+        if !self.seed_allowed(now) {
+            return;
+        }
+        let window = self.seed_window();
+        while self.seed.transfer.in_flight < window {
+            if let Some(&index) = self.seed_pending.first() {
+                self.issue(SourceKey::Seed, index, now, true);
+                continue;
+            }
+            match self.wanted.first() {
+                Some(&(0, _, index)) => self.issue(SourceKey::Seed, index, now, false),
+                _ => break,
+            }
+        }
+    }
+
+    // ---- checking ----
+
+    /// Checks every internal invariant; for tests and simulators (it walks every chunk and
+    /// peer, so it is not for the hot path).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let count = self.chunk_count();
+        let have_count = self.chunks.iter().filter(|c| c.have).count() as u32;
+        if have_count != self.have_count || self.have.count_ones() != self.have_count {
+            return Err(format!(
+                "chunks held: {have_count} by state, {} counted, {} in the bitfield",
+                self.have_count,
+                self.have.count_ones()
+            ));
+        }
+        if self.done_emitted != (self.have_count == count) {
+            return Err(format!(
+                "done emitted {} with {}/{count} chunks",
+                self.done_emitted, self.have_count
+            ));
+        }
+        let mut in_flight_by_source: HashMap<SourceKey, u32> = HashMap::new();
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            let index = i as u32;
+            let (availability, local_availability) = self
+                .peers
+                .iter()
+                .filter(|peer| peer.usable && peer.chunks.get(index))
+                .fold((0, 0), |(all, local), peer| {
+                    (all + 1, local + u32::from(peer.local))
+                });
+            if (availability, local_availability) != (chunk.availability, chunk.local_availability)
+            {
+                return Err(format!(
+                    "chunk {index}: availability {}/{} local, recounted {availability}/{local_availability}",
+                    chunk.availability, chunk.local_availability
+                ));
+            }
+            if chunk.have != self.have.get(index) {
+                return Err(format!("chunk {index}: state and bitfield disagree"));
+            }
+            let in_wanted = chunk.wanted_key.is_some();
+            if in_wanted
+                != self
+                    .wanted
+                    .contains(&(chunk.availability, chunk.rank, index))
+            {
+                return Err(format!("chunk {index}: wanted key out of date"));
+            }
+            let in_redirect = self.redirect_pending.contains(&index);
+            let in_seed = self.seed_pending.contains(&index);
+            let in_flight = !chunk.requests.is_empty();
+            if in_flight != self.in_flight_chunks.contains(&index) {
+                return Err(format!("chunk {index}: in-flight set out of date"));
+            }
+            let places = [in_wanted, in_redirect, in_seed, in_flight]
+                .iter()
+                .filter(|&&b| b)
+                .count();
+            if chunk.have {
+                if places != 0 {
+                    return Err(format!("chunk {index} is held but still scheduled"));
+                }
+                continue;
+            }
+            if places != 1 {
+                return Err(format!(
+                    "chunk {index} is in {places} places (wanted {in_wanted}, redirect \
+                     {in_redirect}, seed {in_seed}, in flight {in_flight})"
+                ));
+            }
+            let route_matches = match chunk.route {
+                Route::Swarm => !in_redirect && !in_seed,
+                Route::Redirected(_) => !in_wanted && !in_seed,
+                Route::SeedAfterPeerFailure => !in_wanted && !in_redirect,
+            };
+            if !route_matches {
+                return Err(format!("chunk {index} waits in a set not of its route"));
+            }
+            if chunk.requests.len() > 1 && !self.is_endgame() {
+                return Err(format!(
+                    "chunk {index} has {} requests outside endgame",
+                    chunk.requests.len()
+                ));
+            }
+            if chunk.requests.len() > self.config.endgame_max_requests_per_chunk as usize {
+                return Err(format!("chunk {index} has too many requests"));
+            }
+            for (n, request) in chunk.requests.iter().enumerate() {
+                if chunk.requests[..n]
+                    .iter()
+                    .any(|r| r.source == request.source)
+                {
+                    return Err(format!("chunk {index} asked twice from one source"));
+                }
+                if let SourceKey::Peer(p) = request.source {
+                    if !self.peers[p].usable {
+                        return Err(format!(
+                            "chunk {index} outstanding at unusable peer {}",
+                            self.peers[p].id
+                        ));
+                    }
+                }
+                *in_flight_by_source.entry(request.source).or_default() += 1;
+            }
+        }
+        let seed_in_flight = in_flight_by_source
+            .get(&SourceKey::Seed)
+            .copied()
+            .unwrap_or(0);
+        if seed_in_flight != self.seed.transfer.in_flight
+            || seed_in_flight > self.config.seed.max_in_flight
+        {
+            return Err(format!(
+                "seed in flight {} counted, {seed_in_flight} outstanding",
+                self.seed.transfer.in_flight
+            ));
+        }
+        let mut in_use = 0;
+        for (p, peer) in self.peers.iter().enumerate() {
+            let outstanding = in_flight_by_source
+                .get(&SourceKey::Peer(p))
+                .copied()
+                .unwrap_or(0);
+            if outstanding != peer.transfer.in_flight
+                || outstanding > self.config.max_in_flight_per_peer
+            {
+                return Err(format!(
+                    "peer {}: in flight {} counted, {outstanding} outstanding",
+                    peer.id, peer.transfer.in_flight
+                ));
+            }
+            in_use += usize::from(outstanding > 0);
+            if peer.usable == (peer.banned.is_some() || peer.down_until.is_some()) {
+                return Err(format!("peer {}: usable flag out of date", peer.id));
+            }
+            if peer.held != peer.chunks.count_ones() {
+                return Err(format!("peer {}: held count out of date", peer.id));
+            }
+        }
+        if in_use > self.config.max_peers_in_use {
+            return Err(format!("{in_use} peers in use"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pkgmesh_protocol::blob::MIN_CHUNK_SIZE;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    const MIB: f64 = 1024.0 * 1024.0;
+
+    fn layout(chunks: u32) -> ChunkLayout {
+        ChunkLayout::for_size(u64::from(chunks) * u64::from(MIN_CHUNK_SIZE)).unwrap()
+    }
+
+    fn field(len: u32, ones: impl IntoIterator<Item = u32>) -> Bitfield {
+        let mut field = Bitfield::new(len).unwrap();
+        for index in ones {
+            field.set(index, true);
+        }
+        field
+    }
+
+    fn full(len: u32) -> Bitfield {
+        Bitfield::full(len).unwrap()
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Behaviour {
+        Honest,
+        BadHash,
+        /// Accepts requests and never answers.
+        Stall,
+        /// Every request fails with a lost connection.
+        Unreachable,
+    }
+
+    #[derive(Clone, Debug)]
+    struct SimPeer {
+        id: String,
+        local: bool,
+        /// What it really holds.
+        holds: Bitfield,
+        /// What it tells the tracker it holds.
+        claims: Bitfield,
+        /// Bytes per second, served one request after another.
+        rate: f64,
+        behaviour: Behaviour,
+        /// Chunks it gains later (offset from the start), without telling anyone.
+        gains: Vec<(Duration, u32)>,
+        /// Announced in the first `PeersDiscovered`.
+        announced: bool,
+        busy_until: Option<Instant>,
+    }
+
+    fn peer(id: &str, local: bool, holds: Bitfield, rate_mib: f64) -> SimPeer {
+        SimPeer {
+            id: id.to_string(),
+            local,
+            claims: holds.clone(),
+            holds,
+            rate: rate_mib * MIB,
+            behaviour: Behaviour::Honest,
+            gains: Vec::new(),
+            announced: true,
+            busy_until: None,
+        }
+    }
+
+    impl SimPeer {
+        fn behaving(mut self, behaviour: Behaviour) -> Self {
+            self.behaviour = behaviour;
+            self
+        }
+
+        fn candidate(&self) -> PeerCandidate {
+            PeerCandidate {
+                id: self.id.clone(),
+                site_is_local: self.local,
+                chunks: Some(self.claims.clone()),
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Reply {
+        Verified,
+        Failed(FailReason),
+        Redirected(Vec<PeerCandidate>),
+    }
+
+    #[derive(Clone, Debug)]
+    struct Pending {
+        at: Instant,
+        seq: u64,
+        from: Source,
+        index: u32,
+        sent: Instant,
+        reply: Reply,
+    }
+
+    /// One node's scheduler against a few simulated peers and a seed, on a fake clock. Every
+    /// action is checked as it comes out, and the scheduler's invariants after every step.
+    struct Sim {
+        sched: Scheduler,
+        layout: ChunkLayout,
+        start: Instant,
+        now: Instant,
+        peers: Vec<SimPeer>,
+        seed_rate: f64,
+        seed_busy_until: Option<Instant>,
+        /// Chunk → peers the seed names when asked without `after_peer_failure`.
+        seed_redirects: BTreeMap<u32, Vec<String>>,
+        latency: Duration,
+        pending: Vec<Pending>,
+        seq: u64,
+        log: Vec<(Duration, Action)>,
+        banned: Vec<String>,
+        done: u32,
+        steps: u64,
+    }
+
+    impl Sim {
+        fn new(chunks: u32, have: Bitfield, peers: Vec<SimPeer>, config: SchedulerConfig) -> Sim {
+            Sim::with_seed(chunks, have, peers, config, 7)
+        }
+
+        fn with_seed(
+            chunks: u32,
+            have: Bitfield,
+            peers: Vec<SimPeer>,
+            config: SchedulerConfig,
+            seed: u64,
+        ) -> Sim {
+            let layout = layout(chunks);
+            let start = Instant::now();
+            let sched = Scheduler::new(layout, have, config, seed).unwrap();
+            let mut sim = Sim {
+                sched,
+                layout,
+                start,
+                now: start,
+                peers,
+                seed_rate: 4.0 * MIB,
+                seed_busy_until: None,
+                seed_redirects: BTreeMap::new(),
+                latency: Duration::from_millis(5),
+                pending: Vec::new(),
+                seq: 0,
+                log: Vec::new(),
+                banned: Vec::new(),
+                done: 0,
+                steps: 0,
+            };
+            let announced = sim
+                .peers
+                .iter()
+                .filter(|p| p.announced)
+                .map(SimPeer::candidate)
+                .collect();
+            sim.sched
+                .handle(Event::PeersDiscovered(announced), sim.start);
+            sim
+        }
+
+        fn check(&self) {
+            if let Err(problem) = self.sched.check_invariants() {
+                panic!("invariant broken at {:?}: {problem}", self.now - self.start);
+            }
+        }
+
+        fn push(&mut self, at: Instant, from: Source, index: u32, reply: Reply) {
+            self.seq += 1;
+            self.pending.push(Pending {
+                at,
+                seq: self.seq,
+                from,
+                index,
+                sent: self.now,
+                reply,
+            });
+        }
+
+        fn transfer_time(&self, index: u32, rate: f64) -> Duration {
+            let len = self.layout.chunk_len(index).unwrap();
+            Duration::from_secs_f64(f64::from(len) / rate)
+        }
+
+        fn drain(&mut self) {
+            while let Some(action) = self.sched.poll_action(self.now) {
+                self.log.push((self.now - self.start, action.clone()));
+                match action {
+                    Action::Request {
+                        from,
+                        index,
+                        after_peer_failure,
+                    } => {
+                        assert!(
+                            !self.sched.has_chunk(index),
+                            "asked for chunk {index}, which we hold"
+                        );
+                        match from {
+                            Source::Peer(id) => {
+                                assert!(!self.banned.contains(&id), "asked banned {id}");
+                                assert!(!after_peer_failure);
+                                let stats = self.sched.peer(&id).unwrap();
+                                assert!(
+                                    stats.transfer.in_flight <= stats.transfer.window,
+                                    "{id} over its window: {stats:?}"
+                                );
+                                self.peer_request(&id, index);
+                            }
+                            Source::Seed => {
+                                let stats = self.sched.seed_stats();
+                                assert!(stats.in_flight <= stats.window, "seed: {stats:?}");
+                                self.seed_request(index, after_peer_failure);
+                            }
+                        }
+                    }
+                    Action::Cancel { from, index } => self
+                        .pending
+                        .retain(|p| !(p.from == from && p.index == index)),
+                    Action::Ban { peer, .. } => {
+                        assert!(!self.banned.contains(&peer), "{peer} banned twice");
+                        self.banned.push(peer);
+                    }
+                    Action::AskForPeers => {}
+                    Action::Done => {
+                        self.done += 1;
+                        assert_eq!(self.done, 1, "done twice");
+                        assert!(self.sched.is_done());
+                    }
+                }
+                self.check();
+            }
+        }
+
+        fn peer_request(&mut self, id: &str, index: u32) {
+            let now = self.now;
+            let latency = self.latency;
+            let from = Source::Peer(id.to_string());
+            let Some(at) = self.peers.iter().position(|p| p.id == id) else {
+                self.push(
+                    now + latency,
+                    from,
+                    index,
+                    Reply::Failed(FailReason::ConnectionLost),
+                );
+                return;
+            };
+            let peer = self.peers[at].clone();
+            match peer.behaviour {
+                Behaviour::Stall => {}
+                Behaviour::Unreachable => self.push(
+                    now + latency,
+                    from,
+                    index,
+                    Reply::Failed(FailReason::ConnectionLost),
+                ),
+                Behaviour::Honest | Behaviour::BadHash => {
+                    if !peer.holds.get(index) {
+                        self.push(
+                            now + latency,
+                            from,
+                            index,
+                            Reply::Failed(FailReason::NotHeld),
+                        );
+                        return;
+                    }
+                    let begin = peer.busy_until.map_or(now, |busy| busy.max(now));
+                    let end = begin + self.transfer_time(index, peer.rate);
+                    self.peers[at].busy_until = Some(end);
+                    let reply = if peer.behaviour == Behaviour::BadHash {
+                        Reply::Failed(FailReason::BadHash)
+                    } else {
+                        Reply::Verified
+                    };
+                    self.push(end + latency, from, index, reply);
+                }
+            }
+        }
+
+        fn seed_request(&mut self, index: u32, after_peer_failure: bool) {
+            let now = self.now;
+            if !after_peer_failure {
+                if let Some(names) = self.seed_redirects.get(&index) {
+                    let peers = names
+                        .iter()
+                        .map(|name| PeerCandidate {
+                            id: name.clone(),
+                            site_is_local: self.peers.iter().any(|p| &p.id == name && p.local),
+                            chunks: None,
+                        })
+                        .collect();
+                    self.push(
+                        now + self.latency,
+                        Source::Seed,
+                        index,
+                        Reply::Redirected(peers),
+                    );
+                    return;
+                }
+            }
+            let begin = self.seed_busy_until.map_or(now, |busy| busy.max(now));
+            let end = begin + self.transfer_time(index, self.seed_rate);
+            self.seed_busy_until = Some(end);
+            self.push(end + self.latency, Source::Seed, index, Reply::Verified);
+        }
+
+        fn apply_gains(&mut self) {
+            let elapsed = self.now - self.start;
+            for peer in &mut self.peers {
+                for &(after, index) in &peer.gains {
+                    if after <= elapsed {
+                        peer.holds.set(index, true);
+                    }
+                }
+            }
+        }
+
+        fn deliver(&mut self, pending: Pending) {
+            let event = match pending.reply {
+                Reply::Verified => Event::ChunkVerified {
+                    peer: pending.from,
+                    index: pending.index,
+                    bytes: u64::from(self.layout.chunk_len(pending.index).unwrap()),
+                    elapsed: self.now.saturating_duration_since(pending.sent),
+                },
+                Reply::Failed(reason) => Event::ChunkFailed {
+                    peer: pending.from,
+                    index: pending.index,
+                    reason,
+                },
+                Reply::Redirected(peers) => Event::SeedRedirected {
+                    index: pending.index,
+                    peers,
+                },
+            };
+            self.sched.handle(event, self.now);
+        }
+
+        /// Advances to the next reply or timer; `false` when there is neither.
+        fn step(&mut self) -> bool {
+            self.steps += 1;
+            assert!(self.steps < 200_000, "no end in sight");
+            let next_reply = self
+                .pending
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, p)| (p.at, p.seq))
+                .map(|(at, p)| (at, p.at));
+            let timer = self.sched.poll_timeout();
+            match (next_reply, timer) {
+                (None, None) => return false,
+                (Some((at, when)), timer) if timer.is_none_or(|t| when <= t) => {
+                    self.now = self.now.max(when);
+                    self.apply_gains();
+                    let pending = self.pending.swap_remove(at);
+                    self.deliver(pending);
+                }
+                (_, Some(timer)) => {
+                    self.now = self.now.max(timer);
+                    self.apply_gains();
+                    self.sched.handle(Event::Tick, self.now);
+                }
+                (Some(_), None) => unreachable!(),
+            }
+            self.check();
+            self.drain();
+            true
+        }
+
+        fn run(&mut self) -> &mut Self {
+            self.drain();
+            while self.done == 0 {
+                assert!(self.step(), "stuck with nothing pending");
+                assert!(
+                    self.now - self.start < Duration::from_secs(3600),
+                    "an hour of simulated time and not done"
+                );
+            }
+            assert!(self.sched.is_done());
+            let progress = self.sched.progress();
+            assert_eq!(progress.chunks_have, progress.chunks_total);
+            assert_eq!(progress.bytes_have, progress.bytes_total);
+            self
+        }
+
+        fn requests(&self) -> Vec<(Source, u32, bool)> {
+            self.log
+                .iter()
+                .filter_map(|(_, action)| match action {
+                    Action::Request {
+                        from,
+                        index,
+                        after_peer_failure,
+                    } => Some((from.clone(), *index, *after_peer_failure)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn requests_to(&self, source: &Source) -> Vec<u32> {
+            self.requests()
+                .into_iter()
+                .filter(|(from, _, _)| from == source)
+                .map(|(_, index, _)| index)
+                .collect()
+        }
+
+        fn count(&self, wanted: impl Fn(&Action) -> bool) -> usize {
+            self.log.iter().filter(|(_, a)| wanted(a)).count()
+        }
+    }
+
+    fn named(id: &str) -> Source {
+        Source::Peer(id.to_string())
+    }
+
+    #[test]
+    fn peers_that_hold_everything_serve_everything_and_the_seed_is_never_asked() {
+        let n = 40;
+        let peers = vec![
+            peer("a", true, full(n), 8.0),
+            peer("b", true, full(n), 4.0),
+            peer("c", false, full(n), 16.0),
+        ];
+        let mut sim = Sim::new(
+            n,
+            Bitfield::new(n).unwrap(),
+            peers,
+            SchedulerConfig::default(),
+        );
+        sim.run();
+        assert!(sim.requests_to(&Source::Seed).is_empty());
+        let bytes = sim.sched.bytes();
+        assert_eq!(bytes.from_seed, 0);
+        assert_eq!(bytes.from_local_peers, sim.layout.size());
+        assert_eq!(
+            bytes.from_remote_peers, 0,
+            "the remote peer is never needed"
+        );
+        assert_eq!(sim.count(|a| *a == Action::Done), 1);
+        assert!(sim.banned.is_empty());
+        assert!(sim.sched.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn the_rarest_chunks_are_asked_for_first() {
+        let n = 16;
+        // Chunks 8..16 only "a" holds; 0..8 both hold.
+        let peers = vec![
+            peer("a", true, full(n), 8.0),
+            peer("b", true, field(n, 0..8), 8.0),
+        ];
+        let mut sim = Sim::new(
+            n,
+            Bitfield::new(n).unwrap(),
+            peers,
+            SchedulerConfig::default(),
+        );
+        sim.drain();
+        let first_a = sim.requests_to(&named("a"));
+        assert!(!first_a.is_empty());
+        assert!(first_a.iter().all(|&i| i >= 8), "{first_a:?}");
+        // "a" keeps taking rare chunks while any is left, since "b" cannot help with them.
+        sim.run();
+        let all_a = sim.requests_to(&named("a"));
+        let first_common = all_a.iter().position(|&i| i < 8).unwrap_or(all_a.len());
+        assert!(first_common >= 8, "a took a common chunk early: {all_a:?}");
+    }
+
+    #[test]
+    fn one_rare_chunk_is_the_first_request_of_its_only_holder() {
+        let n = 32;
+        for seed in 0..20 {
+            let peers = vec![
+                peer("a", true, full(n), 8.0),
+                peer("b", true, field(n, (0..n).filter(|&i| i != 21)), 8.0),
+                peer("c", true, field(n, (0..n).filter(|&i| i != 21)), 8.0),
+            ];
+            let mut sim = Sim::with_seed(
+                n,
+                Bitfield::new(n).unwrap(),
+                peers,
+                SchedulerConfig::default(),
+                seed,
+            );
+            sim.drain();
+            assert_eq!(
+                sim.requests_to(&named("a")).first(),
+                Some(&21),
+                "seed {seed}"
+            );
+        }
+    }
+
+    #[test]
+    fn ties_are_broken_at_random_but_the_same_seed_gives_the_same_run() {
+        let n = 64;
+        let run = |seed: u64| {
+            let peers = vec![
+                peer("a", true, full(n), 8.0),
+                peer("b", true, full(n), 3.0),
+                peer("c", false, field(n, 0..40), 5.0),
+            ];
+            let mut sim =
+                Sim::with_seed(n, field(n, [3, 9]), peers, SchedulerConfig::default(), seed);
+            sim.run();
+            sim.log.clone()
+        };
+        assert_eq!(run(1), run(1));
+        let mut first_requests: Vec<Vec<(Duration, Action)>> = Vec::new();
+        for seed in 0..8 {
+            let first: Vec<(Duration, Action)> = run(seed).into_iter().take(4).collect();
+            if !first_requests.contains(&first) {
+                first_requests.push(first);
+            }
+        }
+        assert!(first_requests.len() > 4, "tie-breaks do not look random");
+    }
+
+    #[test]
+    fn the_seed_is_asked_only_for_chunks_no_peer_holds() {
+        let n = 24;
+        let most = field(n, (0..n).filter(|i| ![2, 5].contains(i)));
+        let peers = vec![
+            peer("a", true, most.clone(), 8.0),
+            peer("b", true, most, 8.0),
+        ];
+        let mut sim = Sim::new(
+            n,
+            Bitfield::new(n).unwrap(),
+            peers,
+            SchedulerConfig::default(),
+        );
+        sim.run();
+        let seed_asks: Vec<(Source, u32, bool)> = sim
+            .requests()
+            .into_iter()
+            .filter(|(from, _, _)| *from == Source::Seed)
+            .collect();
+        assert_eq!(
+            seed_asks,
+            vec![(Source::Seed, 2, false), (Source::Seed, 5, false)]
+                .into_iter()
+                .filter(|a| seed_asks.contains(a))
+                .collect::<Vec<_>>()
+        );
+        let mut indices: Vec<u32> = seed_asks.iter().map(|(_, i, _)| *i).collect();
+        indices.sort_unstable();
+        assert_eq!(indices, vec![2, 5]);
+        assert_eq!(sim.sched.bytes().from_seed, 2 * u64::from(MIN_CHUNK_SIZE));
+    }
+
+    #[test]
+    fn the_seed_waits_for_peer_discovery_before_taking_chunks() {
+        let n = 4;
+        let layout = layout(n);
+        let mut sched = Scheduler::new(
+            layout,
+            Bitfield::new(n).unwrap(),
+            SchedulerConfig::default(),
+            1,
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        assert_eq!(sched.actions(t0), vec![Action::AskForPeers]);
+        let grace = sched.poll_timeout().unwrap();
+        assert_eq!(grace, t0 + SchedulerConfig::default().seed.wait_for_peers);
+        sched.handle(Event::Tick, grace);
+        let actions = sched.actions(grace);
+        assert!(actions.iter().all(|a| matches!(
+            a,
+            Action::Request {
+                from: Source::Seed,
+                after_peer_failure: false,
+                ..
+            }
+        )));
+        assert_eq!(
+            actions.len(),
+            2,
+            "the seed window starts at the minimum: {actions:?}"
+        );
+    }
+
+    #[test]
+    fn a_peer_sending_bad_hashes_is_banned_once_and_others_fill_in() {
+        let n = 32;
+        let peers = vec![
+            peer("liar", true, full(n), 64.0).behaving(Behaviour::BadHash),
+            peer("good", true, full(n), 4.0),
+        ];
+        let mut sim = Sim::new(
+            n,
+            Bitfield::new(n).unwrap(),
+            peers,
+            SchedulerConfig::default(),
+        );
+        sim.run();
+        let bans: Vec<&Action> = sim
+            .log
+            .iter()
+            .map(|(_, a)| a)
+            .filter(|a| matches!(a, Action::Ban { .. }))
+            .collect();
+        assert_eq!(
+            bans,
+            vec![&Action::Ban {
+                peer: "liar".into(),
+                reason: BanReason::BadHash
+            }]
+        );
+        let stats = sim.sched.peer("liar").unwrap();
+        assert_eq!(stats.banned, Some(BanReason::BadHash));
+        assert_eq!(stats.transfer.chunks_received, 0);
+        assert!(!stats.reachable);
+        assert_eq!(sim.sched.bytes().from_local_peers, sim.layout.size());
+        assert!(sim.requests_to(&Source::Seed).is_empty());
+        // Rediscovering it changes nothing: it is never asked again.
+        let asked_before = sim.requests_to(&named("liar")).len();
+        let candidate = sim.peers[0].candidate();
+        sim.sched
+            .handle(Event::PeersDiscovered(vec![candidate]), sim.now);
+        sim.drain();
+        assert_eq!(sim.requests_to(&named("liar")).len(), asked_before);
+    }
+
+    #[test]
+    fn a_stalled_peer_times_out_and_its_chunks_are_asked_elsewhere() {
+        let n = 24;
+        let config = SchedulerConfig {
+            endgame_threshold: 0,
+            ..SchedulerConfig::default()
+        };
+        let peers = vec![
+            // Fastest-looking and first in order, then silent.
+            peer("stuck", true, full(n), 100.0).behaving(Behaviour::Stall),
+            peer("slow", true, full(n), 2.0),
+        ];
+        let mut sim = Sim::new(n, Bitfield::new(n).unwrap(), peers, config.clone());
+        sim.run();
+        let stuck_asks = sim.requests_to(&named("stuck"));
+        assert!(!stuck_asks.is_empty());
+        for index in &stuck_asks {
+            assert!(
+                sim.requests_to(&named("slow")).contains(index),
+                "chunk {index} never went elsewhere"
+            );
+            assert!(sim.log.iter().any(|(_, a)| *a
+                == Action::Cancel {
+                    from: named("stuck"),
+                    index: *index
+                }));
+        }
+        assert!(sim.now - sim.start >= config.request_timeout);
+        let stats = sim.sched.peer("stuck").unwrap();
+        assert!(stats.transfer.timeouts >= 1);
+        assert!(stats.consecutive_timeouts >= 1);
+        assert!(sim.requests_to(&Source::Seed).is_empty());
+    }
+
+    #[test]
+    fn a_peer_that_stalls_again_and_again_is_banned() {
+        let n = 64;
+        let config = SchedulerConfig {
+            endgame_threshold: 0,
+            ..SchedulerConfig::default()
+        };
+        let peers = vec![
+            peer("stuck", true, full(n), 100.0).behaving(Behaviour::Stall),
+            peer("slow", true, full(n), 0.5),
+        ];
+        let mut sim = Sim::new(n, Bitfield::new(n).unwrap(), peers, config);
+        sim.run();
+        assert_eq!(sim.banned, vec!["stuck".to_string()]);
+        assert_eq!(
+            sim.sched.peer("stuck").unwrap().banned,
+            Some(BanReason::Stalled)
+        );
+    }
+
+    #[test]
+    fn endgame_duplicates_the_last_chunks_and_cancels_the_losers() {
+        let n = 8;
+        let peers = vec![
+            peer("fast", true, full(n), 32.0),
+            peer("slow", true, full(n), 0.05),
+        ];
+        let mut sim = Sim::new(
+            n,
+            Bitfield::new(n).unwrap(),
+            peers,
+            SchedulerConfig::default(),
+        );
+        sim.run();
+        let slow_asks = sim.requests_to(&named("slow"));
+        assert!(!slow_asks.is_empty());
+        let fast_asks = sim.requests_to(&named("fast"));
+        let duplicated: Vec<u32> = slow_asks
+            .iter()
+            .copied()
+            .filter(|i| fast_asks.contains(i))
+            .collect();
+        assert!(!duplicated.is_empty(), "no duplicate requests");
+        for index in duplicated {
+            assert!(
+                sim.log.iter().any(|(_, a)| *a
+                    == Action::Cancel {
+                        from: named("slow"),
+                        index
+                    }),
+                "slow's request for {index} was not cancelled"
+            );
+        }
+        // Everything came from the fast peer well before the slow one could deliver one chunk.
+        assert_eq!(sim.sched.peer("fast").unwrap().transfer.chunks_received, 8);
+        assert!(sim.now - sim.start < Duration::from_secs(1));
+        assert!(sim.banned.is_empty());
+    }
+
+    #[test]
+    fn a_redirect_to_a_dead_peer_goes_back_to_the_seed_after_peer_failure() {
+        let n = 8;
+        let mut gone = peer("gone", true, full(n), 8.0).behaving(Behaviour::Unreachable);
+        gone.announced = false;
+        let peers = vec![peer("p", true, field(n, 1..n), 8.0), gone];
+        let mut sim = Sim::new(
+            n,
+            Bitfield::new(n).unwrap(),
+            peers,
+            SchedulerConfig::default(),
+        );
+        sim.seed_redirects.insert(0, vec!["gone".into()]);
+        sim.run();
+        let chunk0: Vec<(Source, bool)> = sim
+            .requests()
+            .into_iter()
+            .filter(|(_, i, _)| *i == 0)
+            .map(|(from, _, apf)| (from, apf))
+            .collect();
+        assert_eq!(
+            chunk0,
+            vec![
+                (Source::Seed, false),
+                (named("gone"), false),
+                (Source::Seed, true)
+            ]
+        );
+        assert!(
+            sim.banned.is_empty(),
+            "a lost connection is not misbehaviour"
+        );
+        assert!(!sim.sched.peer("gone").unwrap().reachable);
+    }
+
+    #[test]
+    fn a_redirect_to_a_peer_still_receiving_the_chunk_is_retried_not_escalated() {
+        let n = 8;
+        let mut soon = peer("soon", true, Bitfield::new(n).unwrap(), 8.0);
+        soon.announced = false;
+        soon.gains = vec![(Duration::from_millis(900), 0)];
+        let peers = vec![peer("p", true, field(n, 1..n), 8.0), soon];
+        let mut sim = Sim::new(
+            n,
+            Bitfield::new(n).unwrap(),
+            peers,
+            SchedulerConfig::default(),
+        );
+        sim.seed_redirects.insert(0, vec!["soon".into()]);
+        sim.run();
+        let chunk0: Vec<(Source, bool)> = sim
+            .requests()
+            .into_iter()
+            .filter(|(_, i, _)| *i == 0)
+            .map(|(from, _, apf)| (from, apf))
+            .collect();
+        assert_eq!(chunk0[0], (Source::Seed, false));
+        assert!(
+            chunk0[1..].iter().all(|s| *s == (named("soon"), false)),
+            "{chunk0:?}"
+        );
+        assert!(
+            chunk0.len() >= 3,
+            "asked again after 'not held': {chunk0:?}"
+        );
+        let stats = sim.sched.peer("soon").unwrap();
+        assert_eq!(stats.false_claims, 0, "it never claimed the chunk");
+        assert_eq!(stats.transfer.chunks_received, 1);
+        assert_eq!(sim.sched.bytes().from_seed, 0);
+    }
+
+    #[test]
+    fn a_redirect_that_never_pans_out_goes_back_to_the_seed_after_patience() {
+        let n = 4;
+        let mut never = peer("never", true, Bitfield::new(n).unwrap(), 8.0);
+        never.announced = false;
+        let peers = vec![peer("p", true, field(n, 1..n), 8.0), never];
+        let config = SchedulerConfig::default();
+        let patience = config.seed.redirect_patience;
+        let mut sim = Sim::new(n, Bitfield::new(n).unwrap(), peers, config);
+        sim.seed_redirects.insert(0, vec!["never".into()]);
+        sim.run();
+        let (at, last) = sim
+            .log
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::Request { index: 0, .. }))
+            .last()
+            .unwrap();
+        assert_eq!(
+            *last,
+            Action::Request {
+                from: Source::Seed,
+                index: 0,
+                after_peer_failure: true
+            }
+        );
+        assert!(*at >= patience);
+        let retries = sim.requests_to(&named("never")).len();
+        assert!(
+            (3..=10).contains(&retries),
+            "{retries} retries in the patience window"
+        );
+        assert!(sim.banned.is_empty());
+    }
+
+    #[test]
+    fn a_peer_claiming_chunks_it_lacks_loses_trust_then_is_banned() {
+        let n = 32;
+        let mut liar = peer("claims", true, Bitfield::new(n).unwrap(), 64.0);
+        liar.claims = full(n);
+        let peers = vec![liar, peer("good", true, full(n), 2.0)];
+        let mut sim = Sim::new(
+            n,
+            Bitfield::new(n).unwrap(),
+            peers,
+            SchedulerConfig::default(),
+        );
+        sim.run();
+        assert_eq!(sim.banned, vec!["claims".to_string()]);
+        let stats = sim.sched.peer("claims").unwrap();
+        assert_eq!(stats.banned, Some(BanReason::FalseClaims));
+        assert_eq!(stats.false_claims, 3);
+        assert!(sim.requests_to(&Source::Seed).is_empty());
+    }
+
+    #[test]
+    fn local_peers_are_preferred_and_remote_ones_give_only_what_locals_lack() {
+        let n = 32;
+        let peers = vec![
+            peer("near", true, field(n, 0..16), 2.0),
+            peer("far", false, full(n), 64.0),
+        ];
+        let mut sim = Sim::new(
+            n,
+            Bitfield::new(n).unwrap(),
+            peers,
+            SchedulerConfig::default(),
+        );
+        sim.run();
+        let far = sim.requests_to(&named("far"));
+        assert!(
+            far.iter().all(|&i| i >= 16),
+            "the WAN carried a local chunk: {far:?}"
+        );
+        let bytes = sim.sched.bytes();
+        assert_eq!(bytes.from_local_peers, 16 * u64::from(MIN_CHUNK_SIZE));
+        assert_eq!(bytes.from_remote_peers, 16 * u64::from(MIN_CHUNK_SIZE));
+
+        // Without the strict rule the fast remote peer takes what the slow local one cannot.
+        let peers = vec![
+            peer("near", true, field(n, 0..16), 2.0),
+            peer("far", false, full(n), 64.0),
+        ];
+        let config = SchedulerConfig {
+            prefer_local_strictly: false,
+            ..SchedulerConfig::default()
+        };
+        let mut sim = Sim::new(n, Bitfield::new(n).unwrap(), peers, config);
+        sim.run();
+        assert!(sim.requests_to(&named("far")).iter().any(|&i| i < 16));
+    }
+
+    #[test]
+    fn windows_grow_with_measured_rate_and_stay_within_bounds() {
+        let n = 256;
+        let peers = vec![
+            peer("fast", true, full(n), 200.0),
+            peer("slow", true, full(n), 0.5),
+        ];
+        let config = SchedulerConfig::default();
+        let mut sim = Sim::new(n, Bitfield::new(n).unwrap(), peers, config.clone());
+        let mut widest = BTreeMap::<String, u32>::new();
+        sim.drain();
+        while sim.done == 0 {
+            assert!(sim.step());
+            for stats in sim.sched.peer_stats() {
+                assert!(stats.transfer.in_flight <= config.max_in_flight_per_peer);
+                let widest = widest.entry(stats.id.clone()).or_default();
+                *widest = (*widest).max(stats.transfer.window);
+            }
+        }
+        assert_eq!(widest["fast"], config.max_in_flight_per_peer);
+        assert_eq!(widest["slow"], config.min_in_flight_per_peer);
+        let rate = sim
+            .sched
+            .peer("fast")
+            .unwrap()
+            .transfer
+            .rate_bytes_per_sec
+            .unwrap();
+        assert!((rate / (200.0 * MIB) - 1.0).abs() < 0.2, "measured {rate}");
+    }
+
+    #[test]
+    fn a_resumed_download_never_asks_for_what_it_holds() {
+        let n = 20;
+        let have = field(n, (0..n).filter(|i| i % 3 == 0));
+        let peers = vec![peer("a", true, full(n), 8.0)];
+        let mut sim = Sim::new(n, have.clone(), peers, SchedulerConfig::default());
+        sim.run();
+        let asked: BTreeSet<u32> = sim.requests().into_iter().map(|(_, i, _)| i).collect();
+        assert!(asked.iter().all(|&i| !have.get(i)));
+        assert_eq!(asked.len() as u32, n - have.count_ones());
+
+        let mut done = Scheduler::new(layout(n), full(n), SchedulerConfig::default(), 1).unwrap();
+        assert_eq!(done.actions(Instant::now()), vec![Action::Done]);
+        assert_eq!(done.poll_timeout(), None);
+        assert!(matches!(
+            Scheduler::new(layout(n), full(n + 1), SchedulerConfig::default(), 1),
+            Err(SchedulerError::HaveLengthMismatch {
+                expected: 20,
+                got: 21
+            })
+        ));
+    }
+
+    #[test]
+    fn an_empty_blob_is_one_empty_chunk() {
+        let layout = ChunkLayout::for_size(0).unwrap();
+        let mut sched = Scheduler::new(
+            layout,
+            Bitfield::new(1).unwrap(),
+            SchedulerConfig::default(),
+            3,
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        sched.handle(Event::PeersDiscovered(vec![]), t0);
+        let actions = sched.actions(t0);
+        assert!(actions.contains(&Action::Request {
+            from: Source::Seed,
+            index: 0,
+            after_peer_failure: false
+        }));
+        sched.handle(
+            Event::ChunkVerified {
+                peer: Source::Seed,
+                index: 0,
+                bytes: 0,
+                elapsed: Duration::ZERO,
+            },
+            t0,
+        );
+        assert_eq!(sched.actions(t0), vec![Action::Done]);
+        sched.check_invariants().unwrap();
+    }
+
+    // ---- random event orders ----
+
+    #[derive(Clone, Debug)]
+    struct PeerSpec {
+        local: bool,
+        holds: Vec<bool>,
+        extra_claims: Vec<bool>,
+        rate_mib: f64,
+        behaviour: Behaviour,
+    }
+
+    fn behaviour() -> impl Strategy<Value = Behaviour> {
+        prop_oneof![
+            5 => Just(Behaviour::Honest),
+            1 => Just(Behaviour::BadHash),
+            1 => Just(Behaviour::Stall),
+            1 => Just(Behaviour::Unreachable),
+        ]
+    }
+
+    fn peer_spec(chunks: usize) -> impl Strategy<Value = PeerSpec> {
+        (
+            any::<bool>(),
+            proptest::collection::vec(any::<bool>(), chunks),
+            proptest::collection::vec(proptest::bool::weighted(0.1), chunks),
+            1.0f64..64.0,
+            behaviour(),
+        )
+            .prop_map(
+                |(local, holds, extra_claims, rate_mib, behaviour)| PeerSpec {
+                    local,
+                    holds,
+                    extra_claims,
+                    rate_mib,
+                    behaviour,
+                },
+            )
+    }
+
+    fn scenario() -> impl Strategy<Value = (u32, Vec<PeerSpec>, Vec<(u8, u32, u32)>, u64, bool)> {
+        (1u32..24).prop_flat_map(|chunks| {
+            (
+                Just(chunks),
+                proptest::collection::vec(peer_spec(chunks as usize), 0..5),
+                proptest::collection::vec((any::<u8>(), any::<u32>(), any::<u32>()), 0..120),
+                any::<u64>(),
+                any::<bool>(),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Replies delivered in any order, ticks of any length, lies, disconnects, rediscovery
+        /// and redirects: every invariant holds after every step, and once the swarm behaves
+        /// in time order again the download completes with exactly one `Done`.
+        #[test]
+        fn random_event_orders_keep_every_invariant_and_still_finish(
+            (chunks, specs, ops, seed, small_windows) in scenario()
+        ) {
+            let peers: Vec<SimPeer> = specs
+                .iter()
+                .enumerate()
+                .map(|(n, spec)| {
+                    let holds = field(chunks, (0..chunks).filter(|&i| spec.holds[i as usize]));
+                    let mut sim_peer = peer(&format!("p{n}"), spec.local, holds, spec.rate_mib)
+                        .behaving(spec.behaviour);
+                    for i in 0..chunks {
+                        if spec.extra_claims[i as usize] {
+                            sim_peer.claims.set(i, true);
+                        }
+                    }
+                    sim_peer
+                })
+                .collect();
+            let mut config = SchedulerConfig {
+                request_timeout: Duration::from_secs(2),
+                endgame_threshold: (seed % 8) as u32,
+                ..SchedulerConfig::default()
+            };
+            if small_windows {
+                config.max_peers_in_use = 2;
+                config.max_in_flight_per_peer = 3;
+                config.seed.max_in_flight = 1;
+            }
+            let have = field(chunks, (0..chunks).filter(|i| (seed >> (i % 64)) & 7 == 0));
+            let mut sim = Sim::with_seed(chunks, have, peers, config, seed);
+            for index in 0..chunks {
+                if !specs.is_empty() && (seed >> (index % 60)) & 3 == 0 {
+                    let name = format!("p{}", index as usize % specs.len());
+                    sim.seed_redirects.insert(index, vec![name]);
+                }
+            }
+            sim.drain();
+            let peer_name = |n: u32| format!("p{}", n as usize % specs.len().max(1));
+            for (kind, a, b) in ops {
+                sim.now += Duration::from_millis(1);
+                match kind % 8 {
+                    0..=2 => {
+                        if !sim.pending.is_empty() {
+                            let pending = sim.pending.swap_remove(a as usize % sim.pending.len());
+                            sim.deliver(pending);
+                        }
+                    }
+                    3 => {
+                        sim.now += Duration::from_millis(u64::from(a % 5000));
+                        sim.sched.handle(Event::Tick, sim.now);
+                    }
+                    4 => sim.sched.handle(
+                        Event::PeerHaveOne { peer: peer_name(a), index: b % chunks },
+                        sim.now,
+                    ),
+                    5 => sim.sched.handle(Event::PeerDisconnected(peer_name(a)), sim.now),
+                    6 => {
+                        if let Some(p) = sim.peers.get(a as usize % specs.len().max(1)) {
+                            let candidate = p.candidate();
+                            sim.sched.handle(Event::PeersDiscovered(vec![candidate]), sim.now);
+                        }
+                    }
+                    _ => {
+                        // A stray report about a request that may never have existed.
+                        let reasons = [
+                            FailReason::Timeout,
+                            FailReason::NotHeld,
+                            FailReason::Refused,
+                            FailReason::ConnectionLost,
+                        ];
+                        let peer = if specs.is_empty() || b % 3 == 0 {
+                            Source::Seed
+                        } else {
+                            Source::Peer(peer_name(a))
+                        };
+                        sim.sched.handle(
+                            Event::ChunkFailed {
+                                peer,
+                                index: b % chunks,
+                                reason: reasons[a as usize % reasons.len()],
+                            },
+                            sim.now,
+                        );
+                    }
+                }
+                sim.check();
+                sim.drain();
+            }
+            // Requests whose replies were delivered out of order may be lost to the scheduler;
+            // from here on the network behaves, and the download must still finish.
+            sim.run();
+            prop_assert_eq!(sim.count(|a| *a == Action::Done), 1);
+            // Only a peer that sent bad bytes is banned for them (honest peers may still be
+            // banned as stalled: replies held back above look exactly like a stall).
+            for (_, action) in &sim.log {
+                if let Action::Ban { peer, reason: BanReason::BadHash } = action {
+                    let spec = &specs[peer[1..].parse::<usize>().unwrap()];
+                    prop_assert_eq!(spec.behaviour, Behaviour::BadHash);
+                }
+            }
+        }
+    }
+}
