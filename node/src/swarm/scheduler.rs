@@ -964,21 +964,27 @@ impl Scheduler {
         if self.peers[p].local == local {
             return;
         }
+        if !self.peers[p].usable {
+            self.peers[p].local = local;
+            return;
+        }
+        let held: Vec<u32> = self.peers[p].chunks.iter_ones().collect();
+        for &index in &held {
+            self.adjust_availability(index, p, false);
+        }
         self.peers[p].local = local;
-        if self.peers[p].usable {
-            let held: Vec<u32> = self.peers[p].chunks.iter_ones().collect();
-            for index in held {
-                let chunk = &mut self.chunks[index as usize];
-                if local {
-                    chunk.local_availability += 1;
-                } else {
-                    chunk.local_availability = chunk.local_availability.saturating_sub(1);
-                }
-            }
+        for index in held {
+            self.adjust_availability(index, p, true);
         }
     }
 
-    fn adjust_availability(&mut self, index: u32, up: bool, local: bool) {
+    /// Counts peer `p` in or out of the chunk's availability, unless it failed the chunk (then
+    /// it is not counted either way).
+    fn adjust_availability(&mut self, index: u32, p: usize, up: bool) {
+        if self.chunks[index as usize].failed_by.contains(&p) {
+            return;
+        }
+        let local = self.peers[p].local;
         let position = self.chunks[index as usize].wanted_key.take();
         if let Some(key) = position {
             self.wanted.remove(&key);
@@ -1008,9 +1014,8 @@ impl Scheduler {
         } else {
             peer.held = peer.held.saturating_sub(1);
         }
-        let (usable, local) = (peer.usable, peer.local);
-        if usable {
-            self.adjust_availability(index, value, local);
+        if peer.usable {
+            self.adjust_availability(index, p, value);
         }
         if value {
             // It holds the chunk now: no reason to wait before asking it.
@@ -1025,10 +1030,9 @@ impl Scheduler {
             return;
         }
         self.peers[p].usable = usable;
-        let local = self.peers[p].local;
         let held: Vec<u32> = self.peers[p].chunks.iter_ones().collect();
         for index in held {
-            self.adjust_availability(index, usable, local);
+            self.adjust_availability(index, p, usable);
         }
     }
 
@@ -1157,10 +1161,28 @@ impl Scheduler {
         (progress + self.config.request_timeout).min(request.sent_at + self.config.request_max_age)
     }
 
+    /// Remembers that `p` failed the chunk: it is not asked for it again (while another way
+    /// exists) and no longer counts as a holder, so a chunk every holder failed is the seed's.
     fn note_failed_by(&mut self, index: u32, p: usize) {
-        let failed = &mut self.chunks[index as usize].failed_by;
-        if !failed.contains(&p) {
-            failed.push(p);
+        if self.chunks[index as usize].failed_by.contains(&p) {
+            return;
+        }
+        if self.peers[p].usable && self.peers[p].chunks.get(index) {
+            self.adjust_availability(index, p, false);
+        }
+        self.chunks[index as usize].failed_by.push(p);
+    }
+
+    /// Gives every peer that failed the chunk another chance; for when the seed cannot help.
+    fn forgive(&mut self, index: u32) {
+        let failed = std::mem::take(&mut self.chunks[index as usize].failed_by);
+        for p in failed {
+            if self.peers[p].usable && self.peers[p].chunks.get(index) {
+                self.adjust_availability(index, p, true);
+            }
+        }
+        if matches!(self.chunks[index as usize].route, Route::SeedAfterPeerFailure) {
+            self.set_route(index, Route::Swarm);
         }
     }
 
@@ -1181,31 +1203,25 @@ impl Scheduler {
 
     /// A reachable local peer that holds the chunk and has not failed it.
     fn has_viable_local_holder(&self, index: u32) -> bool {
-        let chunk = &self.chunks[index as usize];
-        if chunk.local_availability == 0 {
-            return false;
-        }
-        let failed_locals = chunk
-            .failed_by
-            .iter()
-            .filter(|&&q| {
-                let peer = &self.peers[q];
-                peer.usable && peer.local && peer.chunks.get(index)
-            })
-            .count() as u32;
-        chunk.local_availability > failed_locals
+        self.chunks[index as usize].local_availability > 0
     }
 
-    /// Puts a chunk whose request to a peer ended without it back in line: with the seed
-    /// (saying peers failed) once no peer is left that could give it.
+    /// Puts a chunk whose request to a peer ended without it back in line. A redirected chunk
+    /// goes back to the seed (saying peers failed) once no named or holding peer is left or its
+    /// wait is over; a swarm chunk needs nothing more, as its availability already left out
+    /// the peers that failed it (at zero the seed takes it).
     fn requeue_after_peer_failure(&mut self, index: u32, now: Instant) {
         let chunk = &self.chunks[index as usize];
         if chunk.have || !chunk.requests.is_empty() {
             return;
         }
-        let expired =
-            matches!(&chunk.route, Route::Redirected(redirect) if now >= redirect.deadline);
-        if expired || !self.has_viable_peer(index) {
+        let give_up = match &chunk.route {
+            Route::Redirected(redirect) => {
+                now >= redirect.deadline || !self.has_viable_peer(index)
+            }
+            Route::Swarm | Route::SeedAfterPeerFailure => false,
+        };
+        if give_up {
             self.set_route(index, Route::SeedAfterPeerFailure);
         } else {
             self.unindex(index);
@@ -1274,9 +1290,7 @@ impl Scheduler {
             let from = self.source_of(loser);
             self.actions.push_back(Action::Cancel { from, index });
         }
-        let chunk = &mut self.chunks[index as usize];
-        chunk.route = Route::Swarm;
-        chunk.failed_by = Vec::new();
+        self.chunks[index as usize].route = Route::Swarm;
         if self.have_count == self.chunk_count() && !self.done_emitted {
             self.done_emitted = true;
             self.actions.push_back(Action::Done);
@@ -1352,8 +1366,7 @@ impl Scheduler {
             }
         }
         let base = self.config.seed.not_yet_retry;
-        let chunk = &mut self.chunks[index as usize];
-        match &mut chunk.route {
+        match &mut self.chunks[index as usize].route {
             // Named by the seed without claiming the chunk: it is probably still receiving it.
             Route::Redirected(redirect)
                 if !claimed && redirect.named.contains(&p) && now < redirect.deadline =>
@@ -1363,11 +1376,7 @@ impl Scheduler {
                 redirect.not_before.retain(|&(q, _)| q != p);
                 redirect.not_before.push((p, now + delay));
             }
-            _ => {
-                if !chunk.failed_by.contains(&p) {
-                    chunk.failed_by.push(p);
-                }
-            }
+            _ => self.note_failed_by(index, p),
         }
     }
 
@@ -1416,6 +1425,23 @@ impl Scheduler {
     }
 
     fn on_tick(&mut self, now: Instant) {
+        let seed_cannot_help =
+            !self.config.seed.enabled || self.seed.backoff_until.is_some_and(|at| at > now);
+        if seed_cannot_help {
+            // Chunks only failed peers hold would wait for the seed forever: try those peers
+            // again (a refusal or a stall may have been passing; a liar is banned by now or
+            // soon). Ticks come at timer pace, so this cannot spin.
+            let stuck: Vec<u32> = self
+                .wanted
+                .range(..(1, 0, 0))
+                .map(|&(_, _, index)| index)
+                .chain(self.seed_pending.iter().copied())
+                .filter(|&index| !self.chunks[index as usize].failed_by.is_empty())
+                .collect();
+            for index in stuck {
+                self.forgive(index);
+            }
+        }
         if self.seed.backoff_until.is_some_and(|at| at <= now) {
             self.seed.backoff_until = None;
         }
@@ -1690,7 +1716,10 @@ impl Scheduler {
                 continue;
             }
             match self.wanted.first() {
-                Some(&(0, _, index)) => self.issue(SourceKey::Seed, index, now, false),
+                Some(&(0, _, index)) => {
+                    let peers_failed = !self.chunks[index as usize].failed_by.is_empty();
+                    self.issue(SourceKey::Seed, index, now, peers_failed);
+                }
                 _ => break,
             }
         }
@@ -1722,8 +1751,11 @@ impl Scheduler {
             let (availability, local_availability) = self
                 .peers
                 .iter()
-                .filter(|peer| peer.usable && peer.chunks.get(index))
-                .fold((0, 0), |(all, local), peer| {
+                .enumerate()
+                .filter(|(p, peer)| {
+                    peer.usable && peer.chunks.get(index) && !chunk.failed_by.contains(p)
+                })
+                .fold((0, 0), |(all, local), (_, peer)| {
                     (all + 1, local + u32::from(peer.local))
                 });
             if (availability, local_availability) != (chunk.availability, chunk.local_availability)
@@ -2218,7 +2250,8 @@ mod tests {
                 assert!(self.step(), "stuck with nothing pending");
                 assert!(
                     self.now - self.start < Duration::from_secs(3600),
-                    "an hour of simulated time and not done"
+                    "an hour of simulated time and not done: {}",
+                    self.summary()
                 );
             }
             assert!(self.sched.is_done());
@@ -2226,6 +2259,41 @@ mod tests {
             assert_eq!(progress.chunks_have, progress.chunks_total);
             assert_eq!(progress.bytes_have, progress.bytes_total);
             self
+        }
+
+        /// What the missing chunks are waiting for, for failure messages.
+        fn summary(&self) -> String {
+            let sched = &self.sched;
+            let mut out = format!(
+                "pending replies {}, next timer {:?}, seed allowed {}\n",
+                self.pending.len(),
+                sched.poll_timeout().map(|t| t - self.now),
+                sched.seed_allowed(self.now)
+            );
+            for (index, chunk) in sched.chunks.iter().enumerate() {
+                if !chunk.have {
+                    out += &format!(
+                        "chunk {index}: avail {} route {:?} requests {:?} failed_by {:?}\n",
+                        chunk.availability, chunk.route, chunk.requests, chunk.failed_by
+                    );
+                }
+            }
+            for peer in &sched.peers {
+                out += &format!(
+                    "peer {} usable {} banned {:?} down {:?} in flight {} held {}\n",
+                    peer.id,
+                    peer.usable,
+                    peer.banned,
+                    peer.down_until
+                        .map(|t| t.saturating_duration_since(self.now)),
+                    peer.transfer.in_flight,
+                    peer.held
+                );
+            }
+            out + &format!(
+                "last actions: {:?}",
+                &self.log[self.log.len().saturating_sub(8)..]
+            )
         }
 
         fn requests(&self) -> Vec<(Source, u32, bool)> {
@@ -2849,11 +2917,11 @@ mod tests {
     }
 
     fn scenario() -> impl Strategy<Value = (u32, Vec<PeerSpec>, Vec<(u8, u32, u32)>, u64, bool)> {
-        (1u32..24).prop_flat_map(|chunks| {
+        (1u32..70).prop_flat_map(|chunks| {
             (
                 Just(chunks),
-                proptest::collection::vec(peer_spec(chunks as usize), 0..5),
-                proptest::collection::vec((any::<u8>(), any::<u32>(), any::<u32>()), 0..120),
+                proptest::collection::vec(peer_spec(chunks as usize), 0..9),
+                proptest::collection::vec((any::<u8>(), any::<u32>(), any::<u32>()), 0..400),
                 any::<u64>(),
                 any::<bool>(),
             )
@@ -2861,7 +2929,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(ProptestConfig::with_cases(5000))]
 
         /// Replies delivered in any order, ticks of any length, lies, disconnects, rediscovery
         /// and redirects: every invariant holds after every step, and once the swarm behaves

@@ -1,0 +1,292 @@
+//! The swarm over real QUIC on 127.0.0.1: a seed and several nodes in one process (each with
+//! its own endpoint, identity and cache) fetching one package at the same moment.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use pkgmesh_node::client::SeedClient;
+use pkgmesh_node::peer::{self, fetch::fetch_blob, NodeSettings, RunningNode};
+use pkgmesh_node::pki::{self, Identity, Role};
+use pkgmesh_node::seed::{self, RunningSeed, SeedSettings};
+use pkgmesh_node::transport::{self, reply_error, RequestContext, RequestHandler};
+use pkgmesh_protocol::bitfield::Bitfield;
+use pkgmesh_protocol::blob::ChunkLayout;
+use pkgmesh_protocol::wire::{Announcement, ErrorCode, FileBlob, Holding, Request, Response};
+use sha2::{Digest, Sha256};
+
+struct Swarm {
+    _work: tempfile::TempDir,
+    dir: PathBuf,
+    seed: RunningSeed,
+    file: FileBlob,
+}
+
+fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// A seed with one published package whose ZIP (made by the `zip` command) is about `size`.
+async fn swarm(size: usize) -> Swarm {
+    transport::install_crypto_provider();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().to_path_buf();
+    let ca = dir.join("ca");
+    pki::init_ca(&ca, "swarm fleet").unwrap();
+    pki::issue(&ca, "seed", &[Role::Seed], 1, &dir.join("seed")).unwrap();
+    pki::issue(
+        &ca,
+        "publisher",
+        &[Role::Publisher],
+        1,
+        &dir.join("publisher"),
+    )
+    .unwrap();
+    let seed = seed::start(SeedSettings::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.join("seed-data"),
+        Identity::load(&dir.join("seed")).unwrap(),
+    ))
+    .await
+    .unwrap();
+
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("install.sh"), "echo install\n").unwrap();
+    std::fs::write(src.join("uninstall.sh"), "echo uninstall\n").unwrap();
+    std::fs::write(
+        src.join("payload.bin"),
+        pseudo_random(size, 0x9e3779b97f4a7c15),
+    )
+    .unwrap();
+    let package = dir.join("package");
+    std::fs::create_dir_all(&package).unwrap();
+    let status = std::process::Command::new("zip")
+        .args(["-q", "-X", "-r"])
+        .arg(package.join("swarm.zip"))
+        .arg(".")
+        .current_dir(&src)
+        .status()
+        .expect("the zip command");
+    assert!(status.success());
+    let zip = std::fs::read(package.join("swarm.zip")).unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": "2.0",
+        "version": "1.0.0",
+        "packages": { "_any": { "_any": { "_any": { "file": "swarm.zip" } } } },
+        "files": { "swarm.zip": { "checksums": { "sha256": hex::encode(Sha256::digest(&zip)) } } }
+    });
+    std::fs::write(package.join("manifest.json"), manifest.to_string()).unwrap();
+    let publisher = SeedClient::connect(
+        seed.local_addr,
+        &Identity::load(&dir.join("publisher")).unwrap(),
+    )
+    .await
+    .unwrap();
+    publisher
+        .publish(
+            "swarm",
+            &package.join("manifest.json"),
+            &package,
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+    let Response::Manifest(reply) = publisher
+        .call(&Request::GetManifest {
+            name: "swarm".into(),
+            version: None,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("no manifest");
+    };
+    publisher.close().await;
+    Swarm {
+        _work: work,
+        dir,
+        file: reply.files[0].clone(),
+        seed,
+    }
+}
+
+impl Swarm {
+    fn identity(&self, name: &str) -> Identity {
+        let out = self.dir.join(format!("id-{name}"));
+        pki::issue(&self.dir.join("ca"), name, &[Role::Node], 1, &out).unwrap();
+        Identity::load(&out).unwrap()
+    }
+
+    async fn node(&self, name: &str, site: &str) -> RunningNode {
+        peer::start(NodeSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            seed: self.seed.local_addr,
+            data: self.dir.join(format!("data-{name}")),
+            identity: self.identity(name),
+            site: site.into(),
+            tags: Vec::new(),
+            cache_budget: 1 << 30,
+        })
+        .await
+        .unwrap()
+    }
+
+    fn payload_bytes_from_seed(&self) -> u64 {
+        self.seed
+            .state
+            .counters
+            .chunk_bytes_served
+            .load(Ordering::Relaxed)
+    }
+}
+
+/// The blob as a node's cache holds it, read whole (each chunk verified as it is read).
+fn cached_sha256(node: &RunningNode, file: &FileBlob) -> [u8; 32] {
+    let mut reader = node.state.cache.open_blob(&file.blob).unwrap();
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).unwrap();
+    assert_eq!(bytes.len() as u64, file.size);
+    Sha256::digest(&bytes).into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_nodes_at_once_get_identical_bytes_and_the_seed_sends_about_one_copy() {
+    let swarm = swarm(6 << 20).await;
+    let mut nodes = Vec::new();
+    for i in 0..8 {
+        let site = if i % 2 == 0 { "east" } else { "west" };
+        nodes.push(swarm.node(&format!("node-{i}"), site).await);
+    }
+    let fetches = nodes.iter().map(|node| {
+        let state = node.state.clone();
+        let file = swarm.file.clone();
+        tokio::spawn(async move { fetch_blob(state, file.blob, file.size).await })
+    });
+    let reports: Vec<_> = futures::future::join_all(fetches).await;
+    for report in &reports {
+        let report = report.as_ref().unwrap().as_ref().unwrap();
+        assert_eq!(report.size, swarm.file.size);
+    }
+    for node in &nodes {
+        assert_eq!(cached_sha256(node, &swarm.file), swarm.file.sha256);
+    }
+    let from_peers: u64 = reports
+        .iter()
+        .map(|r| {
+            let r = r.as_ref().unwrap().as_ref().unwrap();
+            r.bytes_from_local_peers + r.bytes_from_remote_peers
+        })
+        .sum();
+    let seed_copies = swarm.payload_bytes_from_seed() as f64 / swarm.file.size as f64;
+    eprintln!("seed sent {seed_copies:.3} copies; peers sent {from_peers} bytes");
+    assert!(
+        seed_copies <= 1.5,
+        "the seed sent {seed_copies:.2} copies of the package to 8 nodes"
+    );
+    assert!(from_peers > 0);
+    for node in nodes {
+        node.shutdown().await;
+    }
+    swarm.seed.shutdown().await;
+}
+
+/// A node that claims every chunk and answers every request with bytes of the right length
+/// that are not the chunk.
+struct Corrupter {
+    layout: ChunkLayout,
+}
+
+impl RequestHandler for Corrupter {
+    async fn handle(
+        &self,
+        _ctx: RequestContext,
+        request: Request,
+        mut send: quinn::SendStream,
+        _recv: quinn::RecvStream,
+    ) {
+        match request {
+            Request::GetChunk { blob, index, .. } => {
+                let len = self.layout.chunk_len(index).unwrap_or(0);
+                let header = Response::Chunk { blob, index, len };
+                let _ = transport::write_frame(&mut send, &header).await;
+                let _ = send
+                    .write_all(&pseudo_random(len as usize, index as u64 + 1))
+                    .await;
+                let _ = send.finish();
+            }
+            _ => reply_error(&mut send, ErrorCode::NotFound, "nothing here").await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_serving_corrupt_chunks_is_banned_and_nothing_corrupt_is_cached() {
+    let swarm = swarm(3 << 20).await;
+    let layout = ChunkLayout::for_size(swarm.file.size).unwrap();
+    let evil_identity = swarm.identity("evil");
+    let endpoint =
+        transport::make_endpoint("127.0.0.1:0".parse().unwrap(), &evil_identity).unwrap();
+    let evil_addr = endpoint.local_addr().unwrap();
+    let serving = tokio::spawn(transport::serve(
+        endpoint.clone(),
+        Arc::new(Corrupter { layout }),
+    ));
+    let evil_seed = SeedClient::connect_on(endpoint.clone(), swarm.seed.local_addr)
+        .await
+        .unwrap();
+    let announced = evil_seed
+        .call(&Request::Announce(Announcement {
+            listen: evil_addr.to_string(),
+            site: "east".into(),
+            tags: Vec::new(),
+            full: true,
+            holdings: vec![Holding {
+                blob: swarm.file.blob,
+                size: swarm.file.size,
+                chunks: Bitfield::full(layout.chunk_count()).unwrap(),
+            }],
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(announced, Response::Announced { .. }));
+
+    let mut nodes = Vec::new();
+    for i in 0..4 {
+        nodes.push(swarm.node(&format!("honest-{i}"), "east").await);
+    }
+    let fetches = nodes.iter().map(|node| {
+        let state = node.state.clone();
+        let file = swarm.file.clone();
+        tokio::spawn(async move { fetch_blob(state, file.blob, file.size).await })
+    });
+    let reports: Vec<_> = futures::future::join_all(fetches).await;
+    let mut banned_by = 0;
+    for report in reports {
+        let report = report.unwrap().unwrap();
+        if report.peers_banned.iter().any(|b| b.starts_with("evil")) {
+            banned_by += 1;
+        }
+    }
+    assert!(banned_by >= 1, "nobody banned the corrupting peer");
+    for node in &nodes {
+        assert_eq!(cached_sha256(node, &swarm.file), swarm.file.sha256);
+        let verify = node.state.cache.verify(None).unwrap();
+        assert!(verify.rotted.is_empty(), "{verify:?}");
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+    evil_seed.close().await;
+    endpoint.close(0u32.into(), b"done");
+    serving.abort();
+    swarm.seed.shutdown().await;
+}
