@@ -290,3 +290,43 @@ async fn a_peer_serving_corrupt_chunks_is_banned_and_nothing_corrupt_is_cached()
     serving.abort();
     swarm.seed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_resumes_from_the_chunks_already_verified() {
+    let swarm = swarm(3 << 20).await;
+    let first = swarm.node("first", "east").await;
+    fetch_blob(first.state.clone(), swarm.file.blob, swarm.file.size)
+        .await
+        .unwrap();
+    // A second node that had verified the first half of the chunks before it went down.
+    let second = swarm.node("second", "east").await;
+    let hashes = first.state.cache.chunk_hashes(&swarm.file.blob).unwrap();
+    second.state.cache.register_blob(&hashes).unwrap();
+    let count = hashes.layout().chunk_count();
+    let mut held_bytes = 0;
+    for index in 0..count / 2 {
+        let bytes = first
+            .state
+            .cache
+            .get_chunk(&swarm.file.blob, index)
+            .unwrap()
+            .unwrap();
+        held_bytes += bytes.len() as u64;
+        second
+            .state
+            .cache
+            .put_chunk(&swarm.file.blob, index, &bytes)
+            .unwrap();
+    }
+    let report = fetch_blob(second.state.clone(), swarm.file.blob, swarm.file.size)
+        .await
+        .unwrap();
+    assert_eq!(report.chunks_already_held, count / 2);
+    let fetched =
+        report.bytes_from_seed + report.bytes_from_local_peers + report.bytes_from_remote_peers;
+    assert_eq!(fetched, swarm.file.size - held_bytes);
+    assert_eq!(cached_sha256(&second, &swarm.file), swarm.file.sha256);
+    first.shutdown().await;
+    second.shutdown().await;
+    swarm.seed.shutdown().await;
+}
