@@ -21,9 +21,10 @@
 //! # Policy
 //!
 //! - **Rarest first.** A peer with room in its window gets the chunk we lack that the fewest
-//!   reachable peers hold, ties broken by a per-chunk random rank drawn from the seed, among
-//!   chunks it holds and nobody is fetching. Different nodes draw different ranks, so a fleet
-//!   starting together spreads out over the chunks.
+//!   peers can give, ties broken by a per-chunk random rank drawn from the seed, among chunks it
+//!   holds and nobody is fetching. "Can give" means reachable, holding it, and not having failed
+//!   a request for it. Different nodes draw different ranks, so a fleet starting together
+//!   spreads out over the chunks.
 //! - **Same site first.** Peers are served in the order local site, then measured rate, then a
 //!   random rank; local peers fill their windows first. With
 //!   [`SchedulerConfig::prefer_local_strictly`] (the default) a remote peer is only asked for a
@@ -42,7 +43,12 @@
 //!   chunk is asked again after a short, growing delay; a named peer that fails otherwise is
 //!   ruled out. Once no named or holding peer is left, or `seed.redirect_patience` has passed,
 //!   the chunk goes back to the seed with `after_peer_failure: true`, which admission serves.
-//!   The same happens to any chunk whose every holder failed us.
+//!   The same happens to any chunk whose every holder failed us. When the seed cannot help
+//!   (disabled, or backing off after errors), the next tick gives the peers that failed such a
+//!   chunk another chance, so a fleet whose seed is gone still finishes from itself.
+//! - **More peers.** [`Action::AskForPeers`] comes at the first poll (until discovery answers)
+//!   and then at most every `ask_for_peers_interval`, when fewer than `min_useful_peers`
+//!   reachable peers hold something we lack.
 //! - **Endgame.** Once at most `endgame_threshold` chunks are missing, a peer with room and no
 //!   fresh chunk to take gets a duplicate request for an outstanding chunk it holds (fewest
 //!   requests first, then oldest), up to `endgame_max_requests_per_chunk` requests per chunk.
@@ -51,6 +57,11 @@
 //!   for `request_timeout` since it was sent, or when it is older than `request_max_age`. The
 //!   request is cancelled, the chunk is asked elsewhere, and the peer gets one strike per tick
 //!   however many of its requests timed out together (one stall is one offence).
+//! - **Refusals** (a busy peer, over its upload cap) are not failures of the chunk: the peer
+//!   gets no new request for `refused_backoff` and restarts at the smallest window, and the
+//!   chunk stays its to give. Only `give_up_after_refusals` refusals in a row (refusals during
+//!   one pause count once) count as failing the chunk, so a peer that always refuses cannot
+//!   hold a chunk hostage.
 //! - **Misbehaving peers.** A bad hash, a wrong length or an oversized frame bans the peer for
 //!   this blob at once. `ban_after_timeouts` stalls in a row (a verified chunk resets the count),
 //!   or `ban_after_false_claims` "not held" answers for chunks its bitfield claimed, ban it too.
@@ -63,6 +74,17 @@
 //!   source is asked beyond its window when the request is made; a banned or unreachable peer
 //!   has no request outstanding; [`Action::Done`] comes exactly once, when every chunk is
 //!   verified.
+//!
+//! # Driving it
+//!
+//! After every `handle`, drain `poll_action`; sleep until `poll_timeout` (or the next I/O) and
+//! then send `Tick`. Report exactly one outcome per `Request` unless it was cancelled (late
+//! reports are tolerated). Map the wire onto events: `Response::Chunk` verified with the
+//! blob's chunk hashes → `ChunkVerified`; hash mismatch → `BadHash`; length mismatch →
+//! `WrongLength`; `WireError::FrameTooLarge` → `FrameTooLarge`; `ErrorCode::NotFound` →
+//! `NotHeld`; `Unavailable` or `Forbidden` → `Refused`; a stream or connection error →
+//! `ConnectionLost`; `Response::TryPeers` → `SeedRedirected` (with `site_is_local` set from
+//! `PeerInfo::site`). Leave this node itself out of every peer list it passes in.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
@@ -289,6 +311,13 @@ pub struct SchedulerConfig {
     pub ban_after_false_claims: u32,
     /// Ask a remote peer only for chunks no reachable local peer can give. Default true.
     pub prefer_local_strictly: bool,
+    /// A peer that refused a request (busy, over its upload cap) gets no new request for this
+    /// long; the chunk stays its to give, so a busy peer does not push chunks to the seed.
+    /// Default 1 s.
+    pub refused_backoff: Duration,
+    /// Refusals in a row after which a refused chunk counts as failed by that peer (and may go
+    /// to the seed). Default 3.
+    pub give_up_after_refusals: u32,
     /// First pause after a lost connection; doubles per loss in a row. Default 2 s.
     pub reconnect_backoff: Duration,
     pub max_reconnect_backoff: Duration,
@@ -314,6 +343,8 @@ impl Default for SchedulerConfig {
             ban_after_timeouts: 3,
             ban_after_false_claims: 3,
             prefer_local_strictly: true,
+            refused_backoff: Duration::from_secs(1),
+            give_up_after_refusals: 3,
             reconnect_backoff: Duration::from_secs(2),
             max_reconnect_backoff: Duration::from_secs(60),
             ask_for_peers_interval: Duration::from_secs(10),
@@ -331,6 +362,7 @@ impl SchedulerConfig {
         self.endgame_max_requests_per_chunk = self.endgame_max_requests_per_chunk.max(1);
         self.ban_after_timeouts = self.ban_after_timeouts.max(1);
         self.ban_after_false_claims = self.ban_after_false_claims.max(1);
+        self.give_up_after_refusals = self.give_up_after_refusals.max(1);
         self.max_reconnect_backoff = self.max_reconnect_backoff.max(self.reconnect_backoff);
         // A zero interval would make `poll_timeout` due forever.
         self.ask_for_peers_interval = self.ask_for_peers_interval.max(Duration::from_millis(1));
@@ -398,6 +430,7 @@ pub struct PeerStats {
     pub chunks_held: u32,
     pub transfer: SourceStats,
     pub consecutive_timeouts: u32,
+    pub consecutive_refusals: u32,
     pub false_claims: u32,
     pub banned: Option<BanReason>,
     /// Neither banned nor put aside after a lost connection.
@@ -443,7 +476,8 @@ type WantedKey = (u32, u32, u32);
 #[derive(Debug)]
 struct ChunkState {
     have: bool,
-    /// Reachable peers holding it, and how many of those are local.
+    /// Peers that can give it (reachable, holding it, not failed it), and how many of those
+    /// are local. Rarity, the same-site rule and the seed decision all read these.
     availability: u32,
     local_availability: u32,
     rank: u32,
@@ -540,6 +574,9 @@ struct Peer {
     connection_losses: u32,
     consecutive_timeouts: u32,
     false_claims: u32,
+    /// After a refusal: no new request before this.
+    paused_until: Option<Instant>,
+    consecutive_refusals: u32,
 }
 
 #[derive(Debug, Default)]
@@ -741,7 +778,7 @@ impl Scheduler {
         self.peers
             .iter()
             .filter(|peer| peer.banned.is_none())
-            .filter_map(|peer| peer.down_until)
+            .flat_map(|peer| peer.down_until.into_iter().chain(peer.paused_until))
             .for_each(&mut consider);
         self.seed.backoff_until.into_iter().for_each(&mut consider);
         self.seed_grace_until.into_iter().for_each(&mut consider);
@@ -818,6 +855,7 @@ impl Scheduler {
             chunks_held: peer.held,
             transfer: peer.transfer.stats(self.peer_window(p)),
             consecutive_timeouts: peer.consecutive_timeouts,
+            consecutive_refusals: peer.consecutive_refusals,
             false_claims: peer.false_claims,
             banned: peer.banned,
             reachable: peer.usable,
@@ -942,6 +980,8 @@ impl Scheduler {
             connection_losses: 0,
             consecutive_timeouts: 0,
             false_claims: 0,
+            paused_until: None,
+            consecutive_refusals: 0,
         });
         self.peer_index.insert(id.to_string(), p);
         p
@@ -1261,6 +1301,7 @@ impl Scheduler {
             SourceKey::Seed => self.seed.consecutive_errors = 0,
             SourceKey::Peer(p) => {
                 self.peers[p].consecutive_timeouts = 0;
+                self.peers[p].consecutive_refusals = 0;
                 self.peers[p].connection_losses = 0;
                 self.set_peer_chunk(p, index, true);
             }
@@ -1341,9 +1382,17 @@ impl Scheduler {
                 }
                 FailReason::NotHeld => self.on_not_held(p, index, now),
                 FailReason::Refused => {
-                    self.note_failed_by(index, p);
+                    let peer = &mut self.peers[p];
+                    // A window refused in one burst is one refusal, as a stall is one timeout.
+                    if peer.paused_until.is_none_or(|at| now >= at) {
+                        peer.consecutive_refusals = peer.consecutive_refusals.saturating_add(1);
+                        peer.paused_until = Some(now + self.config.refused_backoff);
+                    }
                     // It is overloaded: back to the smallest window until it proves otherwise.
-                    self.peers[p].transfer.rate = None;
+                    peer.transfer.rate = None;
+                    if peer.consecutive_refusals >= self.config.give_up_after_refusals {
+                        self.note_failed_by(index, p);
+                    }
                 }
                 FailReason::ConnectionLost => self.take_down(p, now),
                 FailReason::BadHash | FailReason::WrongLength | FailReason::FrameTooLarge => {}
@@ -1450,6 +1499,9 @@ impl Scheduler {
             self.seed_grace_until = None;
         }
         for p in 0..self.peers.len() {
+            if self.peers[p].paused_until.is_some_and(|at| at <= now) {
+                self.peers[p].paused_until = None;
+            }
             let peer = &self.peers[p];
             if peer.banned.is_none() && peer.down_until.is_some_and(|at| at <= now) {
                 self.peers[p].down_until = None;
@@ -1523,7 +1575,7 @@ impl Scheduler {
             .count();
         self.assign_redirected(&order, &mut in_use, now);
         for &p in &order {
-            while self.can_take_more(p, in_use) {
+            while self.can_take_more(p, in_use, now) {
                 let Some(index) = self.pick_fresh(p) else {
                     break;
                 };
@@ -1534,7 +1586,7 @@ impl Scheduler {
         self.assign_seed(now);
         if self.is_endgame() {
             for &p in &order {
-                while self.can_take_more(p, in_use) {
+                while self.can_take_more(p, in_use, now) {
                     let Some(index) = self.pick_duplicate(p) else {
                         break;
                     };
@@ -1586,9 +1638,10 @@ impl Scheduler {
         order
     }
 
-    fn can_take_more(&self, p: usize, in_use: usize) -> bool {
+    fn can_take_more(&self, p: usize, in_use: usize, now: Instant) -> bool {
         let peer = &self.peers[p];
         peer.usable
+            && peer.paused_until.is_none_or(|at| now >= at)
             && peer.transfer.in_flight < self.peer_window(p)
             && (peer.transfer.in_flight > 0 || in_use < self.config.max_peers_in_use)
     }
@@ -1642,7 +1695,7 @@ impl Scheduler {
                     .not_before
                     .iter()
                     .any(|&(q, at)| q == p && at > now)
-                && self.can_take_more(p, in_use)
+                && self.can_take_more(p, in_use, now)
         })
     }
 
@@ -1908,6 +1961,10 @@ mod tests {
         Stall,
         /// Every request fails with a lost connection.
         Unreachable,
+        /// Refuses a request while it is still serving another (an upload cap of one).
+        Busy,
+        /// Refuses every request.
+        Refuses,
     }
 
     #[derive(Clone, Debug)]
@@ -2132,7 +2189,19 @@ mod tests {
                     index,
                     Reply::Failed(FailReason::ConnectionLost),
                 ),
-                Behaviour::Honest | Behaviour::BadHash => {
+                Behaviour::Refuses => self.push(
+                    now + latency,
+                    from,
+                    index,
+                    Reply::Failed(FailReason::Refused),
+                ),
+                Behaviour::Busy if peer.busy_until.is_some_and(|busy| busy > now) => self.push(
+                    now + latency,
+                    from,
+                    index,
+                    Reply::Failed(FailReason::Refused),
+                ),
+                Behaviour::Honest | Behaviour::BadHash | Behaviour::Busy => {
                     if !peer.holds.get(index) {
                         self.push(
                             now + latency,
@@ -2716,8 +2785,8 @@ mod tests {
         let (at, last) = sim
             .log
             .iter()
-            .filter(|(_, a)| matches!(a, Action::Request { index: 0, .. }))
-            .last()
+            .rev()
+            .find(|(_, a)| matches!(a, Action::Request { index: 0, .. }))
             .unwrap();
         assert_eq!(
             *last,
@@ -2754,6 +2823,42 @@ mod tests {
         assert_eq!(stats.banned, Some(BanReason::FalseClaims));
         assert_eq!(stats.false_claims, 3);
         assert!(sim.requests_to(&Source::Seed).is_empty());
+    }
+
+    #[test]
+    fn a_busy_peer_is_paused_not_abandoned() {
+        let n = 8;
+        let peers = vec![peer("busy", true, full(n), 16.0).behaving(Behaviour::Busy)];
+        let mut sim = Sim::new(
+            n,
+            Bitfield::new(n).unwrap(),
+            peers,
+            SchedulerConfig::default(),
+        );
+        sim.run();
+        let stats = sim.sched.peer("busy").unwrap();
+        assert!(stats.transfer.failures > 0, "it never refused: {stats:?}");
+        assert_eq!(stats.transfer.chunks_received, u64::from(n));
+        assert!(sim.requests_to(&Source::Seed).is_empty());
+        assert!(sim.banned.is_empty());
+    }
+
+    #[test]
+    fn a_peer_that_always_refuses_hands_its_chunks_to_the_seed_after_a_few_tries() {
+        let n = 4;
+        let config = SchedulerConfig::default();
+        let peers = vec![peer("no", true, full(n), 16.0).behaving(Behaviour::Refuses)];
+        let mut sim = Sim::new(n, Bitfield::new(n).unwrap(), peers, config.clone());
+        sim.run();
+        let seed_asks: Vec<(Source, u32, bool)> = sim
+            .requests()
+            .into_iter()
+            .filter(|(from, _, _)| *from == Source::Seed)
+            .collect();
+        assert_eq!(seed_asks.len(), n as usize);
+        assert!(seed_asks.iter().all(|(_, _, apf)| *apf), "{seed_asks:?}");
+        assert!(sim.requests_to(&named("no")).len() >= config.give_up_after_refusals as usize);
+        assert!(sim.banned.is_empty(), "refusing is not misbehaviour");
     }
 
     #[test]
@@ -2895,6 +3000,8 @@ mod tests {
             1 => Just(Behaviour::BadHash),
             1 => Just(Behaviour::Stall),
             1 => Just(Behaviour::Unreachable),
+            1 => Just(Behaviour::Busy),
+            1 => Just(Behaviour::Refuses),
         ]
     }
 
@@ -2917,7 +3024,12 @@ mod tests {
             )
     }
 
-    fn scenario() -> impl Strategy<Value = (u32, Vec<PeerSpec>, Vec<(u8, u32, u32)>, u64, bool)> {
+    /// A random step of the chaos phase: (kind, a, b), interpreted in the test.
+    type Op = (u8, u32, u32);
+    /// Chunk count, peers, chaos steps, scheduler seed, small windows.
+    type Scenario = (u32, Vec<PeerSpec>, Vec<Op>, u64, bool);
+
+    fn scenario() -> impl Strategy<Value = Scenario> {
         (1u32..24).prop_flat_map(|chunks| {
             (
                 Just(chunks),
