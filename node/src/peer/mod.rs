@@ -109,12 +109,25 @@ pub struct RunningNode {
 
 impl RunningNode {
     pub async fn shutdown(self) {
-        self.state
-            .endpoint
-            .close(0u32.into(), b"node shutting down");
         for task in &self.tasks {
             task.abort();
         }
+        // Tell the tracker first, so nobody is sent to a node that is gone (best effort).
+        let leaving = async {
+            let seed = self.state.seed().await?;
+            let goodbye = Announcement {
+                listen: self.state.settings.listen.to_string(),
+                site: self.state.settings.site.clone(),
+                tags: self.state.settings.tags.clone(),
+                full: true,
+                holdings: Vec::new(),
+            };
+            seed.call(&Request::Announce(goodbye)).await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), leaving).await;
+        self.state
+            .endpoint
+            .close(0u32.into(), b"node shutting down");
         self.state.endpoint.wait_idle().await;
     }
 }
