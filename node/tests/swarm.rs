@@ -127,6 +127,10 @@ impl Swarm {
     }
 
     async fn node(&self, name: &str, site: &str) -> RunningNode {
+        self.node_with_budget(name, site, 1 << 30).await
+    }
+
+    async fn node_with_budget(&self, name: &str, site: &str, budget: u64) -> RunningNode {
         peer::start(NodeSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
             seed: self.seed.local_addr,
@@ -134,7 +138,7 @@ impl Swarm {
             identity: self.identity(name),
             site: site.into(),
             tags: Vec::new(),
-            cache_budget: 1 << 30,
+            cache_budget: budget,
         })
         .await
         .unwrap()
@@ -328,5 +332,22 @@ async fn a_download_resumes_from_the_chunks_already_verified() {
     assert_eq!(cached_sha256(&second, &swarm.file), swarm.file.sha256);
     first.shutdown().await;
     second.shutdown().await;
+    swarm.seed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_larger_than_the_cache_fails_clearly_instead_of_evicting_itself() {
+    let swarm = swarm(3 << 20).await;
+    let small = swarm.node_with_budget("small", "east", 1 << 20).await;
+    let error = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        fetch_blob(small.state.clone(), swarm.file.blob, swarm.file.size),
+    )
+    .await
+    .expect("the fetch ends instead of looping")
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("pinned"), "{error}");
+    small.shutdown().await;
     swarm.seed.shutdown().await;
 }

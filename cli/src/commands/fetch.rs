@@ -43,6 +43,10 @@ pub struct FetchArgs {
     /// Site of this machine; peers in the same site are preferred.
     #[arg(long, default_value = "default")]
     site: String,
+    /// Cache budget of the one-shot node, e.g. 8GiB. Default: unbounded for a temporary data
+    /// directory (it is removed at the end), 4GiB for --data.
+    #[arg(long, value_name = "SIZE")]
+    cache_budget: Option<String>,
     /// Keep serving peers this many seconds after the fetch completes.
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     linger: u64,
@@ -84,7 +88,11 @@ pub fn run(args: FetchArgs) -> anyhow::Result<ExitCode> {
         identity,
         site: args.site.clone(),
         tags: Vec::new(),
-        cache_budget: NodeSettings::DEFAULT_CACHE_BUDGET,
+        cache_budget: match (&args.cache_budget, &temp) {
+            (Some(text), _) => pkgmesh_protocol::units::parse_size(text)?,
+            (None, Some(_)) => pkgmesh_protocol::blob::MAX_BLOB_SIZE,
+            (None, None) => NodeSettings::DEFAULT_CACHE_BUDGET,
+        },
     };
     let result = runtime()?.block_on(async {
         let node = peer::start(settings).await?;

@@ -53,8 +53,24 @@ pub async fn fetch_blob(
     blob: BlobId,
     size: u64,
 ) -> anyhow::Result<FetchReport> {
-    let started = Instant::now();
     let hashes = chunk_hashes(&state, blob, size).await?;
+    // Pinned while it downloads, so its own chunks are never evicted to make room for it: a
+    // blob larger than the budget then fails with "cache full of pinned data", not a loop.
+    let cache = state.cache.clone();
+    tokio::task::spawn_blocking(move || cache.pin(&blob, FETCH_PIN)).await??;
+    let result = fetch_pinned(state.clone(), hashes).await;
+    let cache = state.cache.clone();
+    let _ = tokio::task::spawn_blocking(move || cache.unpin(&blob, FETCH_PIN)).await;
+    result
+}
+
+/// The pin reason of a blob being downloaded.
+pub const FETCH_PIN: &str = "download in progress";
+
+async fn fetch_pinned(state: Arc<NodeState>, hashes: ChunkHashes) -> anyhow::Result<FetchReport> {
+    let started = Instant::now();
+    let blob = hashes.id();
+    let size = hashes.layout().size();
     let layout = hashes.layout();
     let have = match state.cache.bitfield(&blob) {
         Some(have) => have,
@@ -69,6 +85,7 @@ pub async fn fetch_blob(
     )
     .map_err(|e| anyhow!("cannot schedule blob {blob}: {e}"))?;
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let (fatal_tx, mut fatal) = mpsc::unbounded_channel::<String>();
     let mut driver = Driver {
         state: state.clone(),
         blob,
@@ -77,6 +94,7 @@ pub async fn fetch_blob(
         addresses: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
         running: HashMap::new(),
         events: events_tx,
+        fatal: fatal_tx,
         banned: Vec::new(),
     };
     // Discovery first, so chunks peers hold are not taken from the seed.
@@ -106,6 +124,12 @@ pub async fn fetch_blob(
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
                 scheduler.handle(Event::Tick, Instant::now());
+            }
+            Some(message) = fatal.recv() => {
+                for (_, task) in driver.running.drain() {
+                    task.abort();
+                }
+                bail!("cannot store blob {blob} on this node: {message}");
             }
         }
     }
@@ -155,6 +179,8 @@ struct Driver {
     addresses: AddressBook,
     running: HashMap<(Source, u32), tokio::task::JoinHandle<()>>,
     events: mpsc::UnboundedSender<Event>,
+    /// A failure of this node itself (its disk, its cache) that ends the fetch.
+    fatal: mpsc::UnboundedSender<String>,
     banned: Vec<String>,
 }
 
@@ -215,6 +241,7 @@ impl Driver {
         let hashes = self.hashes.clone();
         let events = self.events.clone();
         let addresses = self.addresses.clone();
+        let fatal = self.fatal.clone();
         let key = (from.clone(), index);
         let task = tokio::spawn(async move {
             let started = Instant::now();
@@ -253,8 +280,11 @@ impl Driver {
                         reason,
                     }
                 }
-                Err(other) => {
-                    tracing::debug!(?other, "unexpected chunk outcome");
+                Ok(ChunkOutcome::Local(message)) | Err(ChunkOutcome::Local(message)) => {
+                    let _ = fatal.send(message);
+                    return;
+                }
+                Err(ChunkOutcome::Verified(_)) | Err(ChunkOutcome::Redirected(_)) => {
                     Event::ChunkFailed {
                         peer: from,
                         index,
@@ -296,11 +326,31 @@ async fn candidates(
         .collect()
 }
 
+/// Bytes read from a stream at a time.
+const STREAM_BUFFER: usize = 64 * 1024;
+
 #[derive(Debug)]
 enum ChunkOutcome {
     Verified(u64),
     Redirected(Vec<PeerInfo>),
     Failed(FailReason),
+    /// This node cannot store chunks (disk full, cache full of pinned data): no source can fix
+    /// that, so the fetch stops with this message.
+    Local(String),
+}
+
+/// A failure of the cache while storing: the source's fault only if the bytes were wrong.
+fn stored_failure(error: pkgmesh_cache::CacheError) -> ChunkOutcome {
+    match error {
+        pkgmesh_cache::CacheError::ChunkVerification { .. } => {
+            ChunkOutcome::Failed(FailReason::BadHash)
+        }
+        other => local_failure(other),
+    }
+}
+
+fn local_failure(error: pkgmesh_cache::CacheError) -> ChunkOutcome {
+    ChunkOutcome::Local(error.to_string())
 }
 
 fn transport_failure(error: &TransportError) -> FailReason {
@@ -389,25 +439,26 @@ async fn fetch_chunk(
             if got_blob != blob || got_index != index || len != expected {
                 return Err(fail(FailReason::WrongLength));
             }
-            let mut bytes = vec![0u8; len as usize];
-            recv.read_exact(&mut bytes)
-                .await
-                .map_err(|_| fail(FailReason::ConnectionLost))?;
+            // Streamed from the socket through the cache's verifying writer in small pieces:
+            // memory per request stays at one buffer whatever the chunk size.
             let cache = state.cache.clone();
-            let stored = tokio::task::spawn_blocking(move || cache.put_chunk(&blob, index, &bytes))
-                .await
-                .map_err(|_| fail(FailReason::ConnectionLost))?;
-            match stored {
-                Ok(()) => Ok(ChunkOutcome::Verified(len as u64)),
-                Err(pkgmesh_cache::CacheError::ChunkVerification { .. }) => {
-                    Err(fail(FailReason::BadHash))
-                }
-                Err(error) => {
-                    // Our own disk, not the peer: report it and stop blaming the source.
-                    tracing::error!(%blob, index, %error, "cannot store a verified chunk");
-                    Err(fail(FailReason::Refused))
-                }
+            let mut writer = tokio::task::block_in_place(|| cache.chunk_writer(&blob, index))
+                .map_err(local_failure)?;
+            let mut buffer = vec![0u8; STREAM_BUFFER];
+            let mut remaining = len as usize;
+            while remaining > 0 {
+                let want = remaining.min(buffer.len());
+                let n = recv
+                    .read(&mut buffer[..want])
+                    .await
+                    .map_err(|_| fail(FailReason::ConnectionLost))?
+                    .ok_or(fail(FailReason::WrongLength))?;
+                tokio::task::block_in_place(|| writer.write(&buffer[..n]))
+                    .map_err(stored_failure)?;
+                remaining -= n;
             }
+            tokio::task::block_in_place(|| writer.commit()).map_err(stored_failure)?;
+            Ok(ChunkOutcome::Verified(len as u64))
         }
         Response::TryPeers { peers, .. } => Ok(ChunkOutcome::Redirected(peers)),
         Response::Error(reply) => Err(fail(match reply.code {
