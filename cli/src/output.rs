@@ -33,18 +33,39 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// `1536` → `1.5 KiB`: sizes as people read them.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+/// One platform → file line of a manifest, as `manifest check` and `package show` print it.
+#[derive(Serialize)]
+pub struct PlatformRow {
+    pub platform: String,
+    pub version: String,
+    pub arch: String,
+    pub file: String,
+}
+
+pub fn platform_rows(manifest: &pkgmesh_protocol::manifest::Manifest) -> Vec<PlatformRow> {
+    manifest
+        .platforms()
+        .into_iter()
+        .map(|(platform, version, arch, file)| PlatformRow {
+            platform,
+            version,
+            arch,
+            file,
+        })
+        .collect()
+}
+
+pub fn print_platforms(rows: &[PlatformRow]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|p| {
+            vec![
+                p.platform.clone(),
+                p.version.clone(),
+                p.arch.clone(),
+                p.file.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["PLATFORM", "VERSION", "ARCH", "FILE"], &rows);
 }

@@ -729,6 +729,25 @@ async fn serve_stream<H: RequestHandler>(
     }
 }
 
+/// Answers a chunk request: the `Response::Chunk` header, then exactly the chunk's bytes, then
+/// the end of the stream. The bytes must have been verified by the caller (the cache does).
+pub async fn send_chunk(
+    send: &mut SendStream,
+    blob: pkgmesh_protocol::blob::BlobId,
+    index: u32,
+    bytes: &[u8],
+) -> Result<(), TransportError> {
+    let header = Response::Chunk {
+        blob,
+        index,
+        len: bytes.len() as u32,
+    };
+    write_frame(send, &header).await?;
+    send.write_all(bytes).await.map_err(TransportError::Write)?;
+    let _ = send.finish();
+    Ok(())
+}
+
 /// Answers a request with `Response::Error` and finishes the stream. Failures to write are only
 /// logged: the peer has gone, and there is no one left to tell.
 pub async fn reply_error(send: &mut SendStream, code: ErrorCode, message: impl Into<String>) {

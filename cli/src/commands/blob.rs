@@ -10,7 +10,9 @@ use pkgmesh_protocol::blob::hash_reader_with;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::output::{human_bytes, print_json};
+use pkgmesh_protocol::units::HumanBytes;
+
+use crate::output::print_json;
 
 #[derive(Subcommand)]
 pub enum BlobCommand {
@@ -75,11 +77,11 @@ fn hash(args: HashArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("file        {}", report.file);
         println!("blob        {}", report.blob);
-        println!("size        {} ({})", report.size, human_bytes(report.size));
+        println!("size        {} ({})", report.size, HumanBytes(report.size));
         println!(
             "chunk size  {} ({})",
             report.chunk_size,
-            human_bytes(report.chunk_size as u64)
+            HumanBytes(report.chunk_size as u64)
         );
         println!("chunks      {}", report.chunks);
         if let Some(sha) = &report.sha256 {

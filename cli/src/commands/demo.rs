@@ -12,7 +12,9 @@ use pkgmesh_protocol::manifest::parse_manifest;
 use pkgmesh_protocol::select::{select, Platform};
 use serde::Serialize;
 
-use crate::output::{human_bytes, print_json, print_table};
+use pkgmesh_protocol::units::HumanBytes;
+
+use crate::output::{print_json, print_table};
 
 const SAMPLE_MANIFEST: &str = include_str!("../../../examples/manifest.example.json");
 const DEMO_BLOB_BYTES: usize = 64 * 1024 * 1024;
@@ -138,10 +140,10 @@ fn print_demo(report: &DemoReport) {
     print_table(&["PLATFORM", "VERSION", "ARCH", "INSTALLS"], &rows);
     println!(
         "\n2. A {} blob, hashed in one streaming pass:\n   blob id {}\n   {} chunks of {}",
-        human_bytes(report.blob_bytes),
+        HumanBytes(report.blob_bytes),
         report.blob,
         report.chunks,
-        human_bytes(report.chunk_size as u64)
+        HumanBytes(report.chunk_size as u64)
     );
     println!(
         "   {} of {} chunks verified on their own against the blob id",

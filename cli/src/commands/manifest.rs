@@ -13,7 +13,7 @@ use pkgmesh_protocol::select::select;
 use serde::Serialize;
 
 use super::platform::PlatformSource;
-use crate::output::{print_json, print_table};
+use crate::output::{platform_rows, print_json, print_platforms, print_table, PlatformRow};
 
 #[derive(Subcommand)]
 pub enum ManifestCommand {
@@ -74,17 +74,9 @@ struct CheckReport<'a> {
     version: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     publisher: Option<&'a str>,
-    platforms: Vec<PlatformEntry>,
+    platforms: Vec<PlatformRow>,
     files: Vec<FileEntry<'a>>,
     errors: Vec<ErrorEntry>,
-}
-
-#[derive(Serialize)]
-struct PlatformEntry {
-    platform: String,
-    version: String,
-    arch: String,
-    file: String,
 }
 
 #[derive(Serialize)]
@@ -131,19 +123,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         name: args.name.as_deref(),
         version: manifest.map(|m| m.version.as_str()),
         publisher: manifest.and_then(|m| m.publisher.as_deref()),
-        platforms: manifest
-            .map(|m| {
-                m.platforms()
-                    .into_iter()
-                    .map(|(platform, version, arch, file)| PlatformEntry {
-                        platform,
-                        version,
-                        arch,
-                        file,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        platforms: manifest.map(platform_rows).unwrap_or_default(),
         files: manifest
             .map(|m| {
                 m.files
@@ -192,19 +172,7 @@ fn print_check_summary(report: &CheckReport) {
         println!("publisher  {publisher}");
     }
     println!();
-    let rows: Vec<Vec<String>> = report
-        .platforms
-        .iter()
-        .map(|p| {
-            vec![
-                p.platform.clone(),
-                p.version.clone(),
-                p.arch.clone(),
-                p.file.clone(),
-            ]
-        })
-        .collect();
-    print_table(&["PLATFORM", "VERSION", "ARCH", "FILE"], &rows);
+    print_platforms(&report.platforms);
     println!();
     let rows: Vec<Vec<String>> = report
         .files

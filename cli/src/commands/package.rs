@@ -12,7 +12,7 @@ use pkgmesh_protocol::wire::{Request, Response};
 use serde::Serialize;
 
 use crate::mesh::{runtime, SeedArgs};
-use crate::output::{print_json, print_table};
+use crate::output::{platform_rows, print_json, print_platforms, print_table, PlatformRow};
 
 #[derive(Subcommand)]
 pub enum PackageCommand {
@@ -195,7 +195,7 @@ struct ShowReport {
     published_by: String,
     publisher: Option<String>,
     files: Vec<ShowFile>,
-    platforms: Vec<ShowPlatform>,
+    platforms: Vec<PlatformRow>,
 }
 
 #[derive(Serialize)]
@@ -204,14 +204,6 @@ struct ShowFile {
     size: u64,
     sha256: String,
     blob: String,
-}
-
-#[derive(Serialize)]
-struct ShowPlatform {
-    platform: String,
-    version: String,
-    arch: String,
-    file: String,
 }
 
 async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
@@ -244,19 +236,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
                 blob: f.blob.to_hex(),
             })
             .collect(),
-        platforms: manifest
-            .map(|m| {
-                m.platforms()
-                    .into_iter()
-                    .map(|(platform, version, arch, file)| ShowPlatform {
-                        platform,
-                        version,
-                        arch,
-                        file,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        platforms: manifest.as_ref().map(platform_rows).unwrap_or_default(),
     };
     if args.json {
         print_json(&report)?;
@@ -273,19 +253,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
         report.published_by, report.published_at
     );
     println!();
-    let rows: Vec<Vec<String>> = report
-        .platforms
-        .iter()
-        .map(|p| {
-            vec![
-                p.platform.clone(),
-                p.version.clone(),
-                p.arch.clone(),
-                p.file.clone(),
-            ]
-        })
-        .collect();
-    print_table(&["PLATFORM", "VERSION", "ARCH", "FILE"], &rows);
+    print_platforms(&report.platforms);
     println!();
     let rows: Vec<Vec<String>> = report
         .files

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::Bytes;
 use pkgmesh_cache::{CacheConfig, ChunkStore};
 use pkgmesh_protocol::wire::{Announcement, ErrorCode, Holding, Request, Response};
 use quinn::{RecvStream, SendStream};
@@ -235,7 +234,9 @@ impl RequestHandler for PeerHandler {
             Request::GetChunk { blob, index, .. } => {
                 let got = tokio::task::spawn_blocking(move || cache.get_chunk(&blob, index)).await;
                 match got {
-                    Ok(Ok(Some(bytes))) => send_chunk(&mut send, blob, index, bytes).await,
+                    Ok(Ok(Some(bytes))) => {
+                        let _ = transport::send_chunk(&mut send, blob, index, &bytes).await;
+                    }
                     _ => {
                         reply_error(
                             &mut send,
@@ -256,21 +257,4 @@ impl RequestHandler for PeerHandler {
             }
         }
     }
-}
-
-async fn send_chunk(
-    send: &mut SendStream,
-    blob: pkgmesh_protocol::blob::BlobId,
-    index: u32,
-    bytes: Bytes,
-) {
-    let header = Response::Chunk {
-        blob,
-        index,
-        len: bytes.len() as u32,
-    };
-    if transport::write_frame(send, &header).await.is_ok() {
-        let _ = send.write_all(&bytes).await;
-    }
-    let _ = send.finish();
 }

@@ -489,20 +489,7 @@ impl SeedState {
     }
 
     async fn send_chunk(&self, send: &mut SendStream, blob: BlobId, index: u32, bytes: Bytes) {
-        let header = Response::Chunk {
-            blob,
-            index,
-            len: bytes.len() as u32,
-        };
-        let sent = async {
-            transport::write_frame(send, &header).await?;
-            send.write_all(&bytes)
-                .await
-                .map_err(transport::TransportError::Write)?;
-            Ok::<(), transport::TransportError>(())
-        }
-        .await;
-        match sent {
+        match transport::send_chunk(send, blob, index, &bytes).await {
             Ok(()) => {
                 self.counters.chunks_served.fetch_add(1, Ordering::Relaxed);
                 self.counters
@@ -511,7 +498,6 @@ impl SeedState {
             }
             Err(e) => tracing::debug!(%blob, index, error = %e, "chunk not delivered"),
         }
-        let _ = send.finish();
     }
 
     async fn publish(
