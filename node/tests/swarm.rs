@@ -139,6 +139,8 @@ impl Swarm {
             site: site.into(),
             tags: Vec::new(),
             cache_budget: budget,
+            upload_limit: 0,
+            download_limit: 0,
         })
         .await
         .unwrap()

@@ -47,6 +47,12 @@ pub struct FetchArgs {
     /// directory (it is removed at the end), 4GiB for --data.
     #[arg(long, value_name = "SIZE")]
     cache_budget: Option<String>,
+    /// Cap on chunk bytes received per second, e.g. 4MiB or 32Mbit.
+    #[arg(long, value_name = "RATE")]
+    download_limit: Option<String>,
+    /// Cap on chunk bytes sent to peers per second while fetching and lingering.
+    #[arg(long, value_name = "RATE")]
+    upload_limit: Option<String>,
     /// Keep serving peers this many seconds after the fetch completes.
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     linger: u64,
@@ -93,6 +99,18 @@ pub fn run(args: FetchArgs) -> anyhow::Result<ExitCode> {
             (None, Some(_)) => pkgmesh_protocol::blob::MAX_BLOB_SIZE,
             (None, None) => NodeSettings::DEFAULT_CACHE_BUDGET,
         },
+        upload_limit: args
+            .upload_limit
+            .as_deref()
+            .map(pkgmesh_protocol::units::parse_rate)
+            .transpose()?
+            .unwrap_or(0),
+        download_limit: args
+            .download_limit
+            .as_deref()
+            .map(pkgmesh_protocol::units::parse_rate)
+            .transpose()?
+            .unwrap_or(0),
     };
     let result = runtime()?.block_on(async {
         let node = peer::start(settings).await?;

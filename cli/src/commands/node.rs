@@ -35,6 +35,12 @@ pub struct NodeArgs {
     /// Size of the chunk cache, e.g. 4GiB.
     #[arg(long, value_name = "SIZE")]
     cache_budget: Option<String>,
+    /// Cap on chunk bytes sent to peers per second, e.g. 4MiB or 32Mbit (0: none).
+    #[arg(long, value_name = "RATE")]
+    upload_limit: Option<String>,
+    /// Cap on chunk bytes received per second, e.g. 4MiB or 32Mbit (0: none).
+    #[arg(long, value_name = "RATE")]
+    download_limit: Option<String>,
     /// A certificate revocation list to enforce (PEM), besides the identity's crl.pem.
     #[arg(long, value_name = "FILE")]
     crl: Option<PathBuf>,
@@ -96,6 +102,18 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             args.cache_budget.as_deref(),
             file.cache_budget.as_deref(),
             NodeSettings::DEFAULT_CACHE_BUDGET,
+        )
+        .map_err(anyhow::Error::msg)?,
+        upload_limit: config::rate_setting(
+            "upload limit",
+            args.upload_limit.as_deref(),
+            file.upload_limit.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?,
+        download_limit: config::rate_setting(
+            "download limit",
+            args.download_limit.as_deref(),
+            file.download_limit.as_deref(),
         )
         .map_err(anyhow::Error::msg)?,
     };

@@ -453,6 +453,9 @@ async fn fetch_chunk(
                     .await
                     .map_err(|_| fail(FailReason::ConnectionLost))?
                     .ok_or(fail(FailReason::WrongLength))?;
+                if let Some(limit) = &state.download {
+                    limit.acquire(n as u64).await;
+                }
                 tokio::task::block_in_place(|| writer.write(&buffer[..n]))
                     .map_err(stored_failure)?;
                 remaining -= n;

@@ -17,6 +17,7 @@ use quinn::{RecvStream, SendStream};
 
 use crate::client::SeedClient;
 use crate::pki::{Identity, Role};
+use crate::swarm::ratelimit::RateLimiter;
 use crate::transport::{self, reply_error, require_role, RequestContext, RequestHandler};
 
 pub mod fetch;
@@ -35,6 +36,10 @@ pub struct NodeSettings {
     pub site: String,
     pub tags: Vec<(String, String)>,
     pub cache_budget: u64,
+    /// Chunk payload bytes per second this node sends to peers; 0 is unlimited.
+    pub upload_limit: u64,
+    /// Chunk payload bytes per second this node receives; 0 is unlimited.
+    pub download_limit: u64,
 }
 
 impl NodeSettings {
@@ -48,6 +53,8 @@ pub struct NodeState {
     pub endpoint: quinn::Endpoint,
     /// Wakes the announcer early: something worth telling the tracker changed.
     pub holdings_changed: tokio::sync::Notify,
+    pub upload: Option<RateLimiter>,
+    pub download: Option<RateLimiter>,
     seed: tokio::sync::Mutex<Option<Arc<SeedClient>>>,
 }
 
@@ -149,11 +156,15 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
     let local_addr = endpoint.local_addr()?;
     let mut settings = settings;
     settings.listen = local_addr;
+    let upload = RateLimiter::new(settings.upload_limit);
+    let download = RateLimiter::new(settings.download_limit);
     let state = Arc::new(NodeState {
         settings,
         cache,
         endpoint: endpoint.clone(),
         holdings_changed: tokio::sync::Notify::new(),
+        upload,
+        download,
         seed: tokio::sync::Mutex::new(None),
     });
     let handler = Arc::new(PeerHandler {
@@ -235,6 +246,9 @@ impl RequestHandler for PeerHandler {
                 let got = tokio::task::spawn_blocking(move || cache.get_chunk(&blob, index)).await;
                 match got {
                     Ok(Ok(Some(bytes))) => {
+                        if let Some(limit) = &self.state.upload {
+                            limit.acquire(bytes.len() as u64).await;
+                        }
                         let _ = transport::send_chunk(&mut send, blob, index, &bytes).await;
                     }
                     _ => {
