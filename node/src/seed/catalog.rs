@@ -228,7 +228,8 @@ impl Catalog {
         }
     }
 
-    pub fn list(&self) -> Result<Vec<PackageSummary>, CatalogError> {
+    /// Every package row, undecoded: name and JSON.
+    fn package_rows(&self) -> Result<Vec<(String, Vec<u8>)>, CatalogError> {
         let read = || -> Result<Vec<(String, Vec<u8>)>, redb::Error> {
             let txn = self.db.begin_read()?;
             let table = txn.open_table(PACKAGES)?;
@@ -239,7 +240,11 @@ impl Catalog {
             }
             Ok(rows)
         };
-        let rows = read().map_err(|e| self.store_error(e))?;
+        read().map_err(|e| self.store_error(e))
+    }
+
+    pub fn list(&self) -> Result<Vec<PackageSummary>, CatalogError> {
+        let rows = self.package_rows()?;
         rows.iter()
             .map(|(name, bytes)| decode::<PackageRecord>(bytes, name).map(|p| p.summary()))
             .collect()
@@ -411,18 +416,8 @@ impl Catalog {
         name: &str,
         replacement: &PackageRecord,
     ) -> Result<std::collections::HashSet<String>, CatalogError> {
-        let read = || -> Result<Vec<(String, Vec<u8>)>, redb::Error> {
-            let txn = self.db.begin_read()?;
-            let table = txn.open_table(PACKAGES)?;
-            let mut rows = Vec::new();
-            for row in table.iter()? {
-                let (key, value) = row?;
-                rows.push((key.value().to_string(), value.value().to_vec()));
-            }
-            Ok(rows)
-        };
         let mut used = std::collections::HashSet::new();
-        for (other, bytes) in read().map_err(|e| self.store_error(e))? {
+        for (other, bytes) in self.package_rows()? {
             let package = if other == name {
                 replacement.clone()
             } else {

@@ -353,9 +353,9 @@ impl SeedState {
         }))
     }
 
-    fn chunk_hashes(&self, blob: BlobId, size: u64) -> Answer {
-        let (known_size, _, hashes) = self
-            .catalog
+    /// A catalog blob's size, origin key and verified chunk-hash list, or NotFound.
+    fn blob(&self, blob: BlobId) -> Result<(u64, String, ChunkHashes), ErrorReply> {
+        self.catalog
             .blob_location(&blob)
             .map_err(catalog_error)?
             .ok_or_else(|| {
@@ -363,7 +363,11 @@ impl SeedState {
                     ErrorCode::NotFound,
                     format!("blob {blob} is not in the catalog"),
                 )
-            })?;
+            })
+    }
+
+    fn chunk_hashes(&self, blob: BlobId, size: u64) -> Answer {
+        let (known_size, _, hashes) = self.blob(blob)?;
         if known_size != size {
             return Err(error(
                 ErrorCode::BadRequest,
@@ -383,16 +387,7 @@ impl SeedState {
         index: u32,
         after_peer_failure: bool,
     ) -> Result<ChunkAnswer, ErrorReply> {
-        let (_, origin_key, hashes) = self
-            .catalog
-            .blob_location(&blob)
-            .map_err(catalog_error)?
-            .ok_or_else(|| {
-                error(
-                    ErrorCode::NotFound,
-                    format!("blob {blob} is not in the catalog"),
-                )
-            })?;
+        let (_, origin_key, hashes) = self.blob(blob)?;
         hashes
             .layout()
             .chunk_len(index)
