@@ -45,6 +45,10 @@ enum Command {
     Node(commands::node::NodeArgs),
     /// Fetch the ZIP for this platform through the swarm and write it to a file.
     Fetch(commands::fetch::FetchArgs),
+    /// What a node is: identity, site, seed connection, cache use (asks the node).
+    Status(commands::local::LocalArgs),
+    /// A node's downloads in flight, with their progress (asks the node).
+    Transfers(commands::local::LocalArgs),
     /// Publish and manage packages in the seed's catalog.
     #[command(subcommand)]
     Package(commands::package::PackageCommand),
@@ -66,6 +70,8 @@ fn main() -> ExitCode {
         Command::Seed(args) => commands::seed::run(args),
         Command::Node(args) => commands::node::run(args),
         Command::Fetch(args) => commands::fetch::run(args),
+        Command::Status(args) => commands::local::run_status(args),
+        Command::Transfers(args) => commands::local::run_transfers(args),
         Command::Package(command) => commands::package::run(command),
         Command::Where(args) => commands::fleet::run_where(args),
         Command::Audit(args) => commands::fleet::run_audit(args),
@@ -75,10 +81,26 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            if error.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// Bad usage that clap cannot see (a choice between flags left open): exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// Logs go to stderr so that stdout stays clean for `--json`; `RUST_LOG` filters them.
 fn init_logging() {

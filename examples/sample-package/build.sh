@@ -22,7 +22,8 @@ build_zip() {
   echo "$version" > "$dir/VERSION"
   {
     echo "pkgmesh sample payload for $name, version $version"
-    head -c $((payload_kib * 1024)) /dev/zero | tr '\0' 'x' | fold -w 100
+    # Random text: a payload that compresses like real binaries do, not like a bomb.
+    head -c $((payload_kib * 768)) /dev/urandom | base64 -w 100
   } > "$dir/payload.txt"
   rm -f "$out/$name.zip"
   (cd "$dir" && zip -q -X -r "$out/$name.zip" .)

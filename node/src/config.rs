@@ -50,6 +50,18 @@ pub struct SeedFile {
     pub admission_window_secs: Option<u64>,
     /// Most concurrent requests to the origin store.
     pub origin_concurrency: Option<usize>,
+    /// Per-site settings, e.g. `[sites.store-042] wan_fetchers = 2`.
+    #[serde(default)]
+    pub sites: std::collections::BTreeMap<String, SiteFile>,
+}
+
+/// `[sites.NAME]` in the seed's config.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteFile {
+    /// How many of the site's nodes fetch each blob across its WAN link (from the seed or other
+    /// sites); the rest take it from them. Unset: no limit.
+    pub wan_fetchers: Option<usize>,
 }
 
 /// `pkgmesh node --config FILE`.
@@ -67,6 +79,8 @@ pub struct NodeFile {
     pub cache_budget: Option<String>,
     pub upload_limit: Option<String>,
     pub download_limit: Option<String>,
+    /// Most chunk uploads to peers at once.
+    pub max_uploads: Option<usize>,
     /// Overrides of the detected platform (tests and unusual images need them).
     pub platform: Option<String>,
     pub platform_version: Option<String>,

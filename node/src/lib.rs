@@ -6,6 +6,7 @@
 //! Does not own: wire formats and package rules (`pkgmesh-protocol`), the chunk store
 //! (`pkgmesh-cache`), argument parsing and printing (`pkgmesh-cli`).
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod origin;

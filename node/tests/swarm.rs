@@ -36,6 +36,11 @@ fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
 
 /// A seed with one published package whose ZIP (made by the `zip` command) is about `size`.
 async fn swarm(size: usize) -> Swarm {
+    swarm_with(size, |_| {}).await
+}
+
+/// [`swarm`] with the seed's settings adjusted by `configure`.
+async fn swarm_with(size: usize, configure: impl FnOnce(&mut SeedSettings)) -> Swarm {
     transport::install_crypto_provider();
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().to_path_buf();
@@ -50,13 +55,13 @@ async fn swarm(size: usize) -> Swarm {
         &dir.join("publisher"),
     )
     .unwrap();
-    let seed = seed::start(SeedSettings::new(
+    let mut settings = SeedSettings::new(
         "127.0.0.1:0".parse().unwrap(),
         dir.join("seed-data"),
         Identity::load(&dir.join("seed")).unwrap(),
-    ))
-    .await
-    .unwrap();
+    );
+    configure(&mut settings);
+    let seed = seed::start(settings).await.unwrap();
 
     let src = dir.join("src");
     std::fs::create_dir_all(&src).unwrap();
@@ -131,19 +136,41 @@ impl Swarm {
     }
 
     async fn node_with_budget(&self, name: &str, site: &str, budget: u64) -> RunningNode {
-        peer::start(NodeSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            seed: self.seed.local_addr,
-            data: self.dir.join(format!("data-{name}")),
-            identity: self.identity(name),
-            site: site.into(),
-            tags: Vec::new(),
-            cache_budget: budget,
-            upload_limit: 0,
-            download_limit: 0,
-        })
-        .await
-        .unwrap()
+        self.node_with(name, site, |settings| settings.cache_budget = budget)
+            .await
+    }
+
+    async fn node_with(
+        &self,
+        name: &str,
+        site: &str,
+        configure: impl FnOnce(&mut NodeSettings),
+    ) -> RunningNode {
+        let mut settings = NodeSettings::new(
+            "127.0.0.1:0".parse().unwrap(),
+            self.seed.local_addr,
+            self.dir.join(format!("data-{name}")),
+            self.identity(name),
+        );
+        settings.site = site.into();
+        settings.cache_budget = 1 << 30;
+        configure(&mut settings);
+        peer::start(settings).await.unwrap()
+    }
+
+    /// Waits until the tracker knows every node named (their first announcement arrived).
+    async fn until_tracked(&self, names: &[String]) {
+        for _ in 0..500 {
+            let known = {
+                let tracker = self.seed.state.tracker.lock().unwrap();
+                names.iter().all(|n| tracker.node(n).is_some())
+            };
+            if known {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("the tracker never heard of {names:?}");
     }
 
     fn payload_bytes_from_seed(&self) -> u64 {
@@ -283,6 +310,22 @@ async fn a_peer_serving_corrupt_chunks_is_banned_and_nothing_corrupt_is_cached()
         }
     }
     assert!(banned_by >= 1, "nobody banned the corrupting peer");
+    // Every ban reached the tracker (reports are sent in the background).
+    let mut reporters = 0;
+    for _ in 0..250 {
+        reporters = swarm
+            .seed
+            .state
+            .tracker
+            .lock()
+            .unwrap()
+            .reporters(&swarm.file.blob, "evil");
+        if reporters >= banned_by {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(reporters, banned_by, "bans reported to the tracker");
     for node in &nodes {
         assert_eq!(cached_sha256(node, &swarm.file), swarm.file.sha256);
         let verify = node.state.cache.verify(None).unwrap();
@@ -351,5 +394,86 @@ async fn a_blob_larger_than_the_cache_fails_clearly_instead_of_evicting_itself()
     .to_string();
     assert!(error.contains("pinned"), "{error}");
     small.shutdown().await;
+    swarm.seed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_site_sends_one_node_across_its_wan_link() {
+    let swarm = swarm_with(4 << 20, |settings| {
+        settings.wan_fetchers = vec![("edge".into(), 1)];
+    })
+    .await;
+    let names: Vec<String> = (0..4).map(|i| format!("edge-{i}")).collect();
+    let mut nodes = Vec::new();
+    for name in &names {
+        nodes.push(swarm.node(name, "edge").await);
+    }
+    swarm.until_tracked(&names).await;
+    let fetches = nodes.iter().map(|node| {
+        let state = node.state.clone();
+        let file = swarm.file.clone();
+        tokio::spawn(async move { fetch_blob(state, file.blob, file.size).await })
+    });
+    let reports: Vec<_> = futures::future::join_all(fetches)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    for node in &nodes {
+        assert_eq!(cached_sha256(node, &swarm.file), swarm.file.sha256);
+    }
+    let across_wan: Vec<u64> = reports
+        .iter()
+        .map(|r| r.bytes_from_seed + r.bytes_from_remote_peers)
+        .collect();
+    let fetchers = across_wan.iter().filter(|&&b| b > 0).count();
+    assert_eq!(fetchers, 1, "bytes across the WAN per node: {across_wan:?}");
+    let wan_copies = across_wan.iter().sum::<u64>() as f64 / swarm.file.size as f64;
+    assert!(
+        wan_copies <= 1.1,
+        "the edge link carried {wan_copies:.2} copies: {across_wan:?}"
+    );
+    for node in nodes {
+        node.shutdown().await;
+    }
+    swarm.seed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_at_its_upload_cap_turns_askers_away_and_everyone_completes() {
+    let swarm = swarm(3 << 20).await;
+    let holder = swarm
+        .node_with("holder", "east", |s| s.max_uploads = 1)
+        .await;
+    fetch_blob(holder.state.clone(), swarm.file.blob, swarm.file.size)
+        .await
+        .unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..4 {
+        nodes.push(swarm.node(&format!("asker-{i}"), "east").await);
+    }
+    let fetches = nodes.iter().map(|node| {
+        let state = node.state.clone();
+        let file = swarm.file.clone();
+        tokio::spawn(async move { fetch_blob(state, file.blob, file.size).await })
+    });
+    for report in futures::future::join_all(fetches).await {
+        let report = report.unwrap().unwrap();
+        // Turned away for a while is not misbehaving: the capped holder is never banned.
+        assert!(report.peers_banned.is_empty(), "{:?}", report.peers_banned);
+    }
+    for node in &nodes {
+        assert_eq!(cached_sha256(node, &swarm.file), swarm.file.sha256);
+    }
+    assert_eq!(holder.state.uploads.available_permits(), 1);
+    let refused = holder.state.served.uploads_refused.load(Ordering::Relaxed);
+    let served = holder.state.served.chunks_served.load(Ordering::Relaxed);
+    eprintln!("the capped holder served {served} chunks and turned away {refused} requests");
+    assert!(refused > 0, "four askers never found the holder busy");
+    assert!(served > 0);
+    for node in nodes {
+        node.shutdown().await;
+    }
+    holder.shutdown().await;
     swarm.seed.shutdown().await;
 }

@@ -124,6 +124,18 @@ pub enum Request {
         since: Option<u64>,
         limit: u32,
     },
+    /// Which chunks of a blob a peer holds now (role node). Lets nodes keep sharing, and learn
+    /// what their peers gained, while the seed's tracker is out of reach.
+    GetBitfield {
+        blob: BlobId,
+    },
+    /// A node dropped `peer` for `blob` because it misbehaved (role node). The tracker stops
+    /// naming a peer that several nodes reported.
+    ReportBan {
+        blob: BlobId,
+        peer: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +222,11 @@ pub enum Response {
     Peers(Vec<PeerInfo>),
     Holders(Vec<HolderInfo>),
     AuditRecords(Vec<AuditRecord>),
+    /// The chunks of `blob` held, `None` when the blob is not held at all.
+    Bitfield {
+        blob: BlobId,
+        chunks: Option<Bitfield>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -509,6 +526,12 @@ mod tests {
                 .prop_map(|(name, version)| Request::Where(WhereQuery::Package { name, version })),
             (proptest::option::of(any::<u64>()), any::<u32>())
                 .prop_map(|(since, limit)| Request::Audit { since, limit }),
+            blob_id().prop_map(|blob| Request::GetBitfield { blob }),
+            (blob_id(), text(), text()).prop_map(|(blob, peer, reason)| Request::ReportBan {
+                blob,
+                peer,
+                reason
+            }),
         ]
     }
 
@@ -526,6 +549,8 @@ mod tests {
     fn response() -> impl Strategy<Value = Response> {
         prop_oneof![
             hello().prop_map(Response::Hello),
+            (blob_id(), proptest::option::of(bitfield()))
+                .prop_map(|(blob, chunks)| Response::Bitfield { blob, chunks }),
             any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
             (error_code(), ".{0,200}")
                 .prop_map(|(code, message)| Response::Error(ErrorReply { code, message })),

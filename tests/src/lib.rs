@@ -87,10 +87,16 @@ pub fn stdout_json(output: &Output) -> serde_json::Value {
 /// Builds the sample multi-platform package with `examples/sample-package/build.sh` (which uses
 /// the `zip` command) into `dir` and returns the manifest path.
 pub fn build_sample_package(dir: &Path, version: &str) -> PathBuf {
+    build_sample_package_sized(dir, version, 64)
+}
+
+/// [`build_sample_package`] with a payload of about `payload_kib` KiB of random text per ZIP.
+pub fn build_sample_package_sized(dir: &Path, version: &str, payload_kib: u64) -> PathBuf {
     let status = Command::new("bash")
         .arg(workspace_root().join("examples/sample-package/build.sh"))
         .arg(dir)
         .arg(version)
+        .arg(payload_kib.to_string())
         .stdout(std::process::Stdio::null())
         .status()
         .expect("run build.sh");

@@ -5,6 +5,7 @@ pub mod ca;
 pub mod demo;
 pub mod fetch;
 pub mod fleet;
+pub mod local;
 pub mod manifest;
 pub mod node;
 pub mod package;

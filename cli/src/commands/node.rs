@@ -8,6 +8,7 @@ use clap::Args;
 use pkgmesh_node::config::{self, NodeFile};
 use pkgmesh_node::peer::{self, NodeSettings};
 
+use super::platform::PlatformSource;
 use super::seed::wait_for_shutdown_signal;
 use crate::mesh::{load_identity, resolve, runtime};
 use crate::output::print_json;
@@ -41,6 +42,14 @@ pub struct NodeArgs {
     /// Cap on chunk bytes received per second, e.g. 4MiB or 32Mbit (0: none).
     #[arg(long, value_name = "RATE")]
     download_limit: Option<String>,
+    /// Most chunk uploads to peers at once; askers beyond it are told to come back (default 16).
+    #[arg(long, value_name = "N")]
+    max_uploads: Option<usize>,
+    /// The admin API's Unix socket. Default: <data>/admin.sock.
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+    #[command(flatten)]
+    platform: PlatformSource,
     /// A certificate revocation list to enforce (PEM), besides the identity's crl.pem.
     #[arg(long, value_name = "FILE")]
     crl: Option<PathBuf>,
@@ -90,39 +99,56 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         tags.retain(|(k, _)| k != key);
         tags.push((key.to_string(), value.to_string()));
     }
-    let settings = NodeSettings {
-        listen,
-        seed,
-        data,
-        identity,
-        site: args.site.or(file.site).unwrap_or_else(|| "default".into()),
-        tags,
-        cache_budget: config::size_setting(
-            "cache budget",
-            args.cache_budget.as_deref(),
-            file.cache_budget.as_deref(),
-            NodeSettings::DEFAULT_CACHE_BUDGET,
-        )
-        .map_err(anyhow::Error::msg)?,
-        upload_limit: config::rate_setting(
-            "upload limit",
-            args.upload_limit.as_deref(),
-            file.upload_limit.as_deref(),
-        )
-        .map_err(anyhow::Error::msg)?,
-        download_limit: config::rate_setting(
-            "download limit",
-            args.download_limit.as_deref(),
-            file.download_limit.as_deref(),
-        )
-        .map_err(anyhow::Error::msg)?,
+    let platform = args
+        .platform
+        .clone()
+        .or_config(file.platform, file.platform_version, file.arch);
+    let admin_socket = args
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| NodeSettings::admin_socket_in(&data));
+    let mut settings = NodeSettings::new(listen, seed, data, identity);
+    settings.site = args.site.or(file.site).unwrap_or_else(|| "default".into());
+    settings.tags = tags;
+    settings.cache_budget = config::size_setting(
+        "cache budget",
+        args.cache_budget.as_deref(),
+        file.cache_budget.as_deref(),
+        NodeSettings::DEFAULT_CACHE_BUDGET,
+    )
+    .map_err(anyhow::Error::msg)?;
+    settings.upload_limit = config::rate_setting(
+        "upload limit",
+        args.upload_limit.as_deref(),
+        file.upload_limit.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    settings.download_limit = config::rate_setting(
+        "download limit",
+        args.download_limit.as_deref(),
+        file.download_limit.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    settings.max_uploads = args
+        .max_uploads
+        .or(file.max_uploads)
+        .unwrap_or(NodeSettings::DEFAULT_MAX_UPLOADS);
+    if settings.max_uploads == 0 {
+        anyhow::bail!("max uploads must be at least 1");
+    }
+    settings.platform = if platform.is_given() {
+        Some(platform.resolve()?)
+    } else {
+        None
     };
+    settings.admin_socket = Some(admin_socket);
     runtime()?.block_on(async move {
         let running = peer::start(settings).await?;
         if args.json {
             print_json(&serde_json::json!({
                 "listening": running.local_addr.to_string(),
                 "site": running.state.settings.site,
+                "admin_socket": running.state.settings.admin_socket,
             }))?;
         } else {
             println!(

@@ -28,6 +28,28 @@ pub struct PlatformSource {
 }
 
 impl PlatformSource {
+    /// Fills what no flag gave from a config file's values.
+    pub fn or_config(
+        mut self,
+        platform: Option<String>,
+        platform_version: Option<String>,
+        arch: Option<String>,
+    ) -> Self {
+        self.platform = self.platform.or(platform);
+        self.platform_version = self.platform_version.or(platform_version);
+        self.arch = self.arch.or(arch);
+        self
+    }
+
+    /// Whether anything was given, so that there is something to resolve now rather than
+    /// detecting later.
+    pub fn is_given(&self) -> bool {
+        self.os_release.is_some()
+            || self.platform.is_some()
+            || self.platform_version.is_some()
+            || self.arch.is_some()
+    }
+
     /// Detection runs only when a flag leaves something open, so a fully specified platform
     /// works on machines with no os-release at all.
     pub fn resolve(&self) -> anyhow::Result<Platform> {

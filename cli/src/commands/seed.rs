@@ -33,6 +33,10 @@ pub struct SeedArgs {
     /// A certificate revocation list to enforce (PEM), besides the identity's crl.pem.
     #[arg(long, value_name = "FILE")]
     crl: Option<PathBuf>,
+    /// A site behind a thin WAN link: only N of its nodes fetch each package across the link,
+    /// the rest take it from them (repeatable; overrides `[sites.SITE]` in the config).
+    #[arg(long = "wan-fetchers", value_name = "SITE=N")]
+    wan_fetchers: Vec<String>,
     /// TOML config file; flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -84,6 +88,24 @@ pub fn run(args: SeedArgs) -> anyhow::Result<ExitCode> {
     if let Some(secs) = file.admission_window_secs {
         settings.admission_window = Duration::from_secs(secs);
     }
+    let mut wan_fetchers: std::collections::BTreeMap<String, usize> = file
+        .sites
+        .iter()
+        .filter_map(|(site, settings)| Some((site.clone(), settings.wan_fetchers?)))
+        .collect();
+    for flag in &args.wan_fetchers {
+        let parsed = flag
+            .split_once('=')
+            .and_then(|(site, n)| Some((site, n.trim().parse::<usize>().ok()?)))
+            .filter(|(site, _)| !site.is_empty());
+        let Some((site, n)) = parsed else {
+            anyhow::bail!(
+                "--wan-fetchers {flag:?} is not SITE=N (N a whole number, 0 for no limit)"
+            );
+        };
+        wan_fetchers.insert(site.to_string(), n);
+    }
+    settings.wan_fetchers = wan_fetchers.into_iter().collect();
     runtime()?.block_on(async move {
         let running = seed::start(settings).await?;
         if args.json {

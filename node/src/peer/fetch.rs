@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use pkgmesh_protocol::blob::{BlobId, ChunkHashes};
 use pkgmesh_protocol::wire::{ErrorCode, PeerInfo, Request, Response};
-use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use super::transfers::{wait_for_end, Joined, TransferState, TransferStatus};
 use super::NodeState;
 use crate::pki::Role;
 use crate::swarm::scheduler::{
@@ -31,34 +31,63 @@ const CHUNK_DEADLINE: Duration = Duration::from_secs(60);
 /// Peers asked for in one `GetPeers`.
 const PEERS_PER_ASK: u32 = 32;
 
-/// Where a fetch's bytes came from, for `pkgmesh fetch --json` and the operator views.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct FetchReport {
-    pub blob: String,
-    pub size: u64,
-    pub chunks: u32,
-    /// Chunks already in the cache when the fetch started (a resumed download).
-    pub chunks_already_held: u32,
-    pub bytes_from_seed: u64,
-    pub bytes_from_local_peers: u64,
-    pub bytes_from_remote_peers: u64,
-    pub peers_banned: Vec<String>,
-    pub seconds: f64,
-}
+/// A fetch's final status: where its bytes came from.
+pub type FetchReport = TransferStatus;
 
 /// Fetches blob `blob` of `size` bytes into the cache, from peers where they can and from the
-/// seed where they cannot. Returns when every chunk is verified and in the cache.
+/// seed where they cannot. Returns when every chunk is verified and in the cache. A download of
+/// the same blob already in flight is joined, not repeated.
 pub async fn fetch_blob(
     state: Arc<NodeState>,
     blob: BlobId,
     size: u64,
 ) -> anyhow::Result<FetchReport> {
-    let hashes = chunk_hashes(&state, blob, size).await?;
+    wait_for_end(start_fetch(state, blob, size)).await
+}
+
+/// Starts the download of `blob` in the background (or joins the one in flight) and returns
+/// its progress. The download goes on if the caller stops watching.
+pub fn start_fetch(
+    state: Arc<NodeState>,
+    blob: BlobId,
+    size: u64,
+) -> watch::Receiver<TransferStatus> {
+    let initial = TransferStatus {
+        blob: blob.to_hex(),
+        size,
+        ..TransferStatus::default()
+    };
+    match state.transfers.join(blob, initial) {
+        Joined::Follower(receiver) => receiver,
+        Joined::Leader(progress, receiver) => {
+            tokio::spawn(async move {
+                let result = fetch_and_pin(&state, blob, size, &progress).await;
+                if let Err(error) = result {
+                    tracing::warn!(%blob, error = format!("{error:#}"), "download failed");
+                    progress.send_modify(|status| {
+                        status.state = TransferState::Failed;
+                        status.error = Some(format!("{error:#}"));
+                    });
+                }
+                state.transfers.finish(&blob);
+            });
+            receiver
+        }
+    }
+}
+
+async fn fetch_and_pin(
+    state: &Arc<NodeState>,
+    blob: BlobId,
+    size: u64,
+    progress: &watch::Sender<TransferStatus>,
+) -> anyhow::Result<()> {
+    let hashes = chunk_hashes(state, blob, size).await?;
     // Pinned while it downloads, so its own chunks are never evicted to make room for it: a
     // blob larger than the budget then fails with "cache full of pinned data", not a loop.
     let cache = state.cache.clone();
     tokio::task::spawn_blocking(move || cache.pin(&blob, FETCH_PIN)).await??;
-    let result = fetch_pinned(state.clone(), hashes).await;
+    let result = fetch_pinned(state.clone(), hashes, progress).await;
     let cache = state.cache.clone();
     let _ = tokio::task::spawn_blocking(move || cache.unpin(&blob, FETCH_PIN)).await;
     result
@@ -67,10 +96,16 @@ pub async fn fetch_blob(
 /// The pin reason of a blob being downloaded.
 pub const FETCH_PIN: &str = "download in progress";
 
-async fn fetch_pinned(state: Arc<NodeState>, hashes: ChunkHashes) -> anyhow::Result<FetchReport> {
+/// Progress snapshots are published at most this often (and at the end).
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+async fn fetch_pinned(
+    state: Arc<NodeState>,
+    hashes: ChunkHashes,
+    progress: &watch::Sender<TransferStatus>,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let blob = hashes.id();
-    let size = hashes.layout().size();
     let layout = hashes.layout();
     let have = match state.cache.bitfield(&blob) {
         Some(have) => have,
@@ -97,6 +132,28 @@ async fn fetch_pinned(state: Arc<NodeState>, hashes: ChunkHashes) -> anyhow::Res
         fatal: fatal_tx,
         banned: Vec::new(),
     };
+    let publish = |scheduler: &Scheduler, driver: &Driver, state: TransferState| {
+        let bytes = scheduler.bytes();
+        let peers_in_use = scheduler
+            .peer_stats()
+            .iter()
+            .filter(|p| p.transfer.in_flight > 0)
+            .count() as u32;
+        progress.send_modify(|status| {
+            status.chunks = layout.chunk_count();
+            status.chunks_held = scheduler.progress().chunks_have;
+            status.chunks_already_held = already;
+            status.bytes_from_seed = bytes.from_seed;
+            status.bytes_from_local_peers = bytes.from_local_peers;
+            status.bytes_from_remote_peers = bytes.from_remote_peers;
+            status.peers_in_use = peers_in_use;
+            status.peers_banned = driver.banned.clone();
+            status.seconds = started.elapsed().as_secs_f64();
+            status.state = state;
+        });
+    };
+    publish(&scheduler, &driver, TransferState::Running);
+    let mut last_published = Instant::now();
     // Discovery first, so chunks peers hold are not taken from the seed.
     driver.ask_for_peers();
     loop {
@@ -111,9 +168,14 @@ async fn fetch_pinned(state: Arc<NodeState>, hashes: ChunkHashes) -> anyhow::Res
         if done {
             break;
         }
+        if now.duration_since(last_published) >= PROGRESS_INTERVAL {
+            publish(&scheduler, &driver, TransferState::Running);
+            last_published = now;
+        }
         let deadline = scheduler
             .poll_timeout()
-            .unwrap_or_else(|| now + Duration::from_secs(1));
+            .unwrap_or_else(|| now + Duration::from_secs(1))
+            .min(now + PROGRESS_INTERVAL);
         tokio::select! {
             event = events.recv() => {
                 let Some(event) = event else { bail!("the fetch driver lost its event channel") };
@@ -136,36 +198,123 @@ async fn fetch_pinned(state: Arc<NodeState>, hashes: ChunkHashes) -> anyhow::Res
     for (_, task) in driver.running.drain() {
         task.abort();
     }
-    let bytes = scheduler.bytes();
-    Ok(FetchReport {
-        blob: blob.to_hex(),
-        size,
-        chunks: layout.chunk_count(),
-        chunks_already_held: already,
-        bytes_from_seed: bytes.from_seed,
-        bytes_from_local_peers: bytes.from_local_peers,
-        bytes_from_remote_peers: bytes.from_remote_peers,
-        peers_banned: driver.banned,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    publish(&scheduler, &driver, TransferState::Done);
+    Ok(())
 }
 
-/// The blob's chunk-hash list: from the cache, else from the seed, verified against the id.
+/// The blob's chunk-hash list: from the cache, else from the seed, else (the seed out of reach)
+/// from a peer; always verified against the blob id before use.
 async fn chunk_hashes(state: &NodeState, blob: BlobId, size: u64) -> anyhow::Result<ChunkHashes> {
     if let Some(hashes) = state.cache.chunk_hashes(&blob) {
         return Ok(hashes);
     }
+    let hashes = match hashes_from_seed(state, blob, size).await {
+        Ok(hashes) => hashes,
+        Err(seed_error) => match hashes_from_peers(state, blob, size).await {
+            Some(hashes) => hashes,
+            None => {
+                return Err(seed_error.context(format!(
+                    "no chunk list for blob {blob}, and no known peer could give one"
+                )))
+            }
+        },
+    };
+    let cache = state.cache.clone();
+    let registered = hashes.clone();
+    tokio::task::spawn_blocking(move || cache.register_blob(&registered)).await??;
+    Ok(hashes)
+}
+
+async fn hashes_from_seed(
+    state: &NodeState,
+    blob: BlobId,
+    size: u64,
+) -> anyhow::Result<ChunkHashes> {
     let seed = state.seed().await?;
     let response = seed.call(&Request::GetChunkHashes { blob, size }).await?;
     let Response::ChunkHashes { packed, .. } = response else {
         bail!("the seed answered GetChunkHashes with {response:?}");
     };
-    let hashes = ChunkHashes::verify_packed(blob, size, &packed)
-        .with_context(|| format!("the seed's chunk list for blob {blob}"))?;
-    let cache = state.cache.clone();
-    let registered = hashes.clone();
-    tokio::task::spawn_blocking(move || cache.register_blob(&registered)).await??;
-    Ok(hashes)
+    ChunkHashes::verify_packed(blob, size, &packed)
+        .with_context(|| format!("the seed's chunk list for blob {blob}"))
+}
+
+async fn hashes_from_peers(state: &NodeState, blob: BlobId, size: u64) -> Option<ChunkHashes> {
+    for (name, peer) in state.known_peers().into_iter().take(PEERS_PER_ASK as usize) {
+        let asked = async {
+            let conn = transport::connect(
+                &state.endpoint,
+                peer.listen,
+                Role::Node,
+                PEER_CONNECT_TIMEOUT,
+            )
+            .await?;
+            let request = Request::GetChunkHashes { blob, size };
+            let (response, _, _) =
+                transport::request(&conn, &request, PEER_CONNECT_TIMEOUT).await?;
+            match response {
+                Response::ChunkHashes { packed, .. } => {
+                    Ok(ChunkHashes::verify_packed(blob, size, &packed)?)
+                }
+                other => Err(anyhow!("answered {other:?}")),
+            }
+        };
+        match asked.await {
+            Ok(hashes) => return Some(hashes),
+            Err(error) => tracing::debug!(peer = name, %error, "no chunk list from this peer"),
+        }
+    }
+    None
+}
+
+/// What known peers hold of `blob`, asked of each directly: discovery while the tracker is out
+/// of reach. Peers that do not answer in time are left out.
+async fn peers_from_known(state: &NodeState, blob: BlobId) -> Vec<PeerInfo> {
+    let asks = state
+        .known_peers()
+        .into_iter()
+        .take(PEERS_PER_ASK as usize)
+        .map(|(name, peer)| async move {
+            let asked = async {
+                let conn = transport::connect(
+                    &state.endpoint,
+                    peer.listen,
+                    Role::Node,
+                    PEER_CONNECT_TIMEOUT,
+                )
+                .await
+                .ok()?;
+                if conn.peer.name != name {
+                    return None;
+                }
+                let request = Request::GetBitfield { blob };
+                match transport::request(&conn, &request, PEER_CONNECT_TIMEOUT).await {
+                    Ok((
+                        Response::Bitfield {
+                            chunks: Some(chunks),
+                            ..
+                        },
+                        _,
+                        _,
+                    )) => Some(PeerInfo {
+                        node: name,
+                        listen: peer.listen.to_string(),
+                        site: peer.site,
+                        chunks: Some(chunks),
+                    }),
+                    _ => None,
+                }
+            };
+            tokio::time::timeout(PEER_CONNECT_TIMEOUT, asked)
+                .await
+                .ok()
+                .flatten()
+        });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 type PeerConnections = Arc<tokio::sync::Mutex<HashMap<String, PeerConnection>>>;
@@ -200,6 +349,22 @@ impl Driver {
             Action::Ban { peer, reason } => {
                 tracing::warn!(blob = %self.blob, %peer, %reason, "peer banned for this blob");
                 self.banned.push(format!("{peer}: {reason}"));
+                let state = self.state.clone();
+                let blob = self.blob;
+                tokio::spawn(async move {
+                    let report = async {
+                        let seed = state.seed().await?;
+                        let request = Request::ReportBan {
+                            blob,
+                            peer: peer.clone(),
+                            reason: reason.to_string(),
+                        };
+                        seed.call(&request).await
+                    };
+                    if let Err(error) = report.await {
+                        tracing::info!(%peer, %error, "could not report a banned peer to the tracker");
+                    }
+                });
             }
             Action::AskForPeers => self.ask_for_peers(),
             Action::Done => {}
@@ -226,10 +391,16 @@ impl Driver {
                 }
             }
             .await;
-            let peers = answer.unwrap_or_else(|error| {
-                tracing::info!(%error, "no peer list from the seed");
-                Vec::new()
-            });
+            let peers = match answer {
+                Ok(peers) => {
+                    state.remember_peers(&peers);
+                    peers
+                }
+                Err(error) => {
+                    tracing::info!(%error, "no peer list from the seed; asking known peers");
+                    peers_from_known(&state, blob).await
+                }
+            };
             let candidates = candidates(&state, &addresses, peers).await;
             let _ = events.send(Event::PeersDiscovered(candidates));
         });
@@ -269,10 +440,13 @@ impl Driver {
                         elapsed: started.elapsed(),
                     }
                 }
-                Ok(ChunkOutcome::Redirected(peers)) => Event::SeedRedirected {
-                    index,
-                    peers: candidates(&state, &addresses, peers).await,
-                },
+                Ok(ChunkOutcome::Redirected(peers)) => {
+                    state.remember_peers(&peers);
+                    Event::SeedRedirected {
+                        index,
+                        peers: candidates(&state, &addresses, peers).await,
+                    }
+                }
                 Ok(ChunkOutcome::Failed(reason)) | Err(ChunkOutcome::Failed(reason)) => {
                     Event::ChunkFailed {
                         peer: from,

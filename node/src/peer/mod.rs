@@ -10,10 +10,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::time::Instant;
+
 use anyhow::Context;
 use pkgmesh_cache::{CacheConfig, ChunkStore};
-use pkgmesh_protocol::wire::{Announcement, ErrorCode, Holding, Request, Response};
+use pkgmesh_protocol::select::Platform;
+use pkgmesh_protocol::wire::{Announcement, ErrorCode, Holding, PeerInfo, Request, Response};
 use quinn::{RecvStream, SendStream};
+use tokio::sync::Semaphore;
 
 use crate::client::SeedClient;
 use crate::pki::{Identity, Role};
@@ -21,11 +26,18 @@ use crate::swarm::ratelimit::RateLimiter;
 use crate::transport::{self, reply_error, require_role, RequestContext, RequestHandler};
 
 pub mod fetch;
+pub mod package;
+pub mod transfers;
 
 /// How long to wait before dialling the seed again after it went away.
 const SEED_RETRY: Duration = Duration::from_secs(2);
 /// Changes (chunks verified, blobs evicted) are announced at most this often.
 const CHANGE_BATCH: Duration = Duration::from_millis(300);
+/// After a failed dial, callers are told the seed is unreachable at once for this long instead
+/// of each waiting for a dial timeout of its own.
+const SEED_QUIET_AFTER_FAILURE: Duration = Duration::from_secs(3);
+/// Peers remembered from the tracker's answers, for when the tracker is out of reach.
+const MAX_KNOWN_PEERS: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
@@ -40,10 +52,62 @@ pub struct NodeSettings {
     pub upload_limit: u64,
     /// Chunk payload bytes per second this node receives; 0 is unlimited.
     pub download_limit: u64,
+    /// Chunk uploads to peers at once; a peer asking beyond it is told to come back later.
+    pub max_uploads: usize,
+    /// The platform packages are chosen for; `None` detects it from this machine when needed.
+    pub platform: Option<Platform>,
+    /// Where the admin API listens (a Unix socket); `None` runs without one.
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl NodeSettings {
     pub const DEFAULT_CACHE_BUDGET: u64 = 4 << 30;
+    pub const DEFAULT_MAX_UPLOADS: usize = 16;
+
+    /// Settings with every optional part at its default.
+    pub fn new(listen: SocketAddr, seed: SocketAddr, data: PathBuf, identity: Identity) -> Self {
+        NodeSettings {
+            listen,
+            seed,
+            data,
+            identity,
+            site: "default".into(),
+            tags: Vec::new(),
+            cache_budget: Self::DEFAULT_CACHE_BUDGET,
+            upload_limit: 0,
+            download_limit: 0,
+            max_uploads: Self::DEFAULT_MAX_UPLOADS,
+            platform: None,
+            admin_socket: None,
+        }
+    }
+
+    /// The admin socket's place in a data directory.
+    pub fn admin_socket_in(data: &std::path::Path) -> PathBuf {
+        data.join("admin.sock")
+    }
+}
+
+/// A peer as last heard of from the tracker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownPeer {
+    pub listen: SocketAddr,
+    pub site: String,
+}
+
+/// What this node served to its peers.
+#[derive(Debug, Default)]
+pub struct ServeCounters {
+    pub chunks_served: std::sync::atomic::AtomicU64,
+    pub chunk_bytes_served: std::sync::atomic::AtomicU64,
+    /// Chunk requests turned away because `max_uploads` were in progress.
+    pub uploads_refused: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct SeedSlot {
+    client: Option<Arc<SeedClient>>,
+    failed_at: Option<Instant>,
 }
 
 /// What the node's tasks share.
@@ -55,22 +119,96 @@ pub struct NodeState {
     pub holdings_changed: tokio::sync::Notify,
     pub upload: Option<RateLimiter>,
     pub download: Option<RateLimiter>,
-    seed: tokio::sync::Mutex<Option<Arc<SeedClient>>>,
+    /// Chunk uploads in progress.
+    pub uploads: Arc<Semaphore>,
+    /// Downloads in flight, with their progress.
+    pub transfers: transfers::Transfers,
+    pub served: ServeCounters,
+    known_peers: std::sync::Mutex<HashMap<String, KnownPeer>>,
+    seed: tokio::sync::Mutex<SeedSlot>,
 }
 
 impl NodeState {
     /// The connection to the seed, dialled again if it was lost.
     pub async fn seed(&self) -> anyhow::Result<Arc<SeedClient>> {
         let mut slot = self.seed.lock().await;
-        if let Some(client) = slot.as_ref() {
+        if let Some(client) = slot.client.as_ref() {
             if client.connection().connection.close_reason().is_none() {
                 return Ok(client.clone());
             }
         }
-        let client =
-            Arc::new(SeedClient::connect_on(self.endpoint.clone(), self.settings.seed).await?);
-        *slot = Some(client.clone());
-        Ok(client)
+        if let Some(failed_at) = slot.failed_at {
+            if failed_at.elapsed() < SEED_QUIET_AFTER_FAILURE {
+                anyhow::bail!(
+                    "the seed at {} is unreachable (tried {:.1} s ago)",
+                    self.settings.seed,
+                    failed_at.elapsed().as_secs_f64()
+                );
+            }
+        }
+        match SeedClient::connect_on(self.endpoint.clone(), self.settings.seed).await {
+            Ok(client) => {
+                let client = Arc::new(client);
+                *slot = SeedSlot {
+                    client: Some(client.clone()),
+                    failed_at: None,
+                };
+                Ok(client)
+            }
+            Err(error) => {
+                slot.client = None;
+                slot.failed_at = Some(Instant::now());
+                Err(error)
+            }
+        }
+    }
+
+    /// Whether the node holds a live connection to the seed now.
+    pub async fn seed_connected(&self) -> bool {
+        self.seed
+            .lock()
+            .await
+            .client
+            .as_ref()
+            .is_some_and(|c| c.connection().connection.close_reason().is_none())
+    }
+
+    /// Remembers where peers from a tracker answer listen.
+    pub fn remember_peers(&self, peers: &[PeerInfo]) {
+        let own = self.settings.identity.name();
+        let mut known = self
+            .known_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for peer in peers {
+            let Ok(listen) = peer.listen.parse::<SocketAddr>() else {
+                continue;
+            };
+            if peer.node == own
+                || (known.len() >= MAX_KNOWN_PEERS && !known.contains_key(&peer.node))
+            {
+                continue;
+            }
+            known.insert(
+                peer.node.clone(),
+                KnownPeer {
+                    listen,
+                    site: peer.site.clone(),
+                },
+            );
+        }
+    }
+
+    /// Peers heard of before, same site first.
+    pub fn known_peers(&self) -> Vec<(String, KnownPeer)> {
+        let known = self
+            .known_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut list: Vec<(String, KnownPeer)> =
+            known.iter().map(|(n, p)| (n.clone(), p.clone())).collect();
+        list.sort_by_key(|(name, peer)| (peer.site != self.settings.site, name.clone()));
+        list
     }
 
     /// Everything this node holds, as the tracker wants it.
@@ -111,6 +249,7 @@ pub struct RunningNode {
     pub local_addr: SocketAddr,
     pub state: Arc<NodeState>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    _admin_socket: Option<crate::admin::AdminSocket>,
 }
 
 impl RunningNode {
@@ -158,6 +297,7 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
     settings.listen = local_addr;
     let upload = RateLimiter::new(settings.upload_limit);
     let download = RateLimiter::new(settings.download_limit);
+    let max_uploads = settings.max_uploads.max(1);
     let state = Arc::new(NodeState {
         settings,
         cache,
@@ -165,18 +305,32 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
         holdings_changed: tokio::sync::Notify::new(),
         upload,
         download,
-        seed: tokio::sync::Mutex::new(None),
+        uploads: Arc::new(Semaphore::new(max_uploads)),
+        transfers: transfers::Transfers::default(),
+        served: ServeCounters::default(),
+        known_peers: std::sync::Mutex::new(HashMap::new()),
+        seed: tokio::sync::Mutex::new(SeedSlot::default()),
     });
     let handler = Arc::new(PeerHandler {
         state: state.clone(),
     });
-    let serving = tokio::spawn(transport::serve(endpoint, handler));
-    let announcing = tokio::spawn(announce_loop(state.clone()));
+    let mut tasks = Vec::new();
+    let admin_socket = match &state.settings.admin_socket {
+        Some(path) => {
+            let (socket, task) = crate::admin::serve_admin(state.clone(), path).await?;
+            tasks.push(task);
+            Some(socket)
+        }
+        None => None,
+    };
+    tasks.push(tokio::spawn(transport::serve(endpoint, handler)));
+    tasks.push(tokio::spawn(announce_loop(state.clone())));
     tracing::info!(%local_addr, site = state.settings.site, "node serving");
     Ok(RunningNode {
         local_addr,
         state,
-        tasks: vec![serving, announcing],
+        tasks,
+        _admin_socket: admin_socket,
     })
 }
 
@@ -242,14 +396,52 @@ impl RequestHandler for PeerHandler {
                     .await
                 }
             },
+            Request::GetBitfield { blob } => {
+                let response = Response::Bitfield {
+                    blob,
+                    chunks: cache.bitfield(&blob),
+                };
+                let _ = transport::write_frame(&mut send, &response).await;
+                let _ = send.finish();
+            }
             Request::GetChunk { blob, index, .. } => {
+                // Over the cap, the asker is told to come back (its scheduler backs off from
+                // this peer for a while) rather than queued behind uploads it cannot see.
+                let Ok(_upload) = self.state.uploads.clone().try_acquire_owned() else {
+                    self.state
+                        .served
+                        .uploads_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    reply_error(
+                        &mut send,
+                        ErrorCode::Unavailable,
+                        format!(
+                            "busy: {} uploads in progress",
+                            self.state.settings.max_uploads
+                        ),
+                    )
+                    .await;
+                    return;
+                };
                 let got = tokio::task::spawn_blocking(move || cache.get_chunk(&blob, index)).await;
                 match got {
                     Ok(Ok(Some(bytes))) => {
                         if let Some(limit) = &self.state.upload {
                             limit.acquire(bytes.len() as u64).await;
                         }
-                        let _ = transport::send_chunk(&mut send, blob, index, &bytes).await;
+                        if transport::send_chunk(&mut send, blob, index, &bytes)
+                            .await
+                            .is_ok()
+                        {
+                            let served = &self.state.served;
+                            served
+                                .chunks_served
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            served.chunk_bytes_served.fetch_add(
+                                bytes.len() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                        }
                     }
                     _ => {
                         reply_error(

@@ -38,6 +38,8 @@ pub struct SeedSettings {
     pub cache_budget: u64,
     pub max_upload_bytes: u64,
     pub admission_window: Duration,
+    /// Sites behind a thin WAN link and how many of their nodes fetch each blob across it.
+    pub wan_fetchers: Vec<(String, usize)>,
 }
 
 impl SeedSettings {
@@ -54,6 +56,7 @@ impl SeedSettings {
             cache_budget: Self::DEFAULT_CACHE_BUDGET,
             max_upload_bytes: Self::DEFAULT_MAX_UPLOAD,
             admission_window: DEFAULT_RECENT_WINDOW,
+            wan_fetchers: Vec::new(),
         }
     }
 }
@@ -103,17 +106,24 @@ pub async fn start(settings: SeedSettings) -> anyhow::Result<RunningSeed> {
         })
     })
     .await??;
+    let mut tracker = tracker::Tracker::new();
+    for (site, fetchers) in &settings.wan_fetchers {
+        tracker.set_wan_fetchers(site, *fetchers);
+    }
     let state = Arc::new(SeedState {
         catalog,
         origin,
         cache,
         audit,
-        tracker: Mutex::new(tracker::Tracker::new()),
+        tracker: Mutex::new(tracker),
         admission: Mutex::new(Admission::new(settings.admission_window)),
         counters: SeedCounters::default(),
         tmp_dir,
         max_upload_bytes: settings.max_upload_bytes,
         zip_limits: ZipLimits::default(),
+        blob_index: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(service::BLOB_INDEX_ENTRIES).context("index size")?,
+        )),
     });
     let endpoint = transport::make_endpoint(settings.listen, &settings.identity)?;
     let local_addr = endpoint.local_addr()?;

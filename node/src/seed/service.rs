@@ -69,6 +69,19 @@ pub struct SeedState {
     pub tmp_dir: PathBuf,
     pub max_upload_bytes: u64,
     pub zip_limits: ZipLimits,
+    /// Verified chunk-hash lists of recently asked blobs: every chunk request needs one, and
+    /// reading and re-verifying it from the catalog each time costs more than serving the chunk.
+    pub blob_index: Mutex<lru::LruCache<BlobId, Arc<CatalogBlob>>>,
+}
+
+/// Hash lists kept verified in memory (64 KiB each for the largest blobs).
+pub const BLOB_INDEX_ENTRIES: usize = 256;
+
+/// A catalog blob as chunk requests need it.
+pub struct CatalogBlob {
+    pub size: u64,
+    pub origin_key: String,
+    pub hashes: ChunkHashes,
 }
 
 /// What a handler answers: a frame, or an error to send and (for refusals) audit.
@@ -227,6 +240,33 @@ impl RequestHandler for SeedHandler {
                             error(ErrorCode::Internal, format!("reading the audit log: {e}"))
                         })
                 }),
+            Request::ReportBan { blob, peer, reason } => {
+                let target = format!("{peer} for blob {blob}");
+                state
+                    .checked(&ctx, &[Role::Node], "report-ban", &target)
+                    .map(|()| {
+                        let distrusted =
+                            state.tracker().report_ban(&blob, &peer, &ctx.peer.name);
+                        let reason: String = reason.chars().take(200).collect();
+                        tracing::warn!(reporter = %ctx.peer, %peer, %blob, reason, distrusted, "peer reported");
+                        state.audit(
+                            &ctx,
+                            "report-ban",
+                            &target,
+                            &format!(
+                                "recorded ({reason}){}",
+                                if distrusted { "; peer no longer named" } else { "" }
+                            ),
+                        );
+                        Response::Done {
+                            message: format!("report on {peer} recorded"),
+                        }
+                    })
+            }
+            Request::GetBitfield { .. } => Err(error(
+                ErrorCode::BadRequest,
+                "the seed serves every chunk of its catalog; ask nodes for their bitfields",
+            )),
             Request::Hello(_) => Err(error(
                 ErrorCode::BadRequest,
                 "Hello is only valid as the first request of a connection",
@@ -354,8 +394,17 @@ impl SeedState {
     }
 
     /// A catalog blob's size, origin key and verified chunk-hash list, or NotFound.
-    fn blob(&self, blob: BlobId) -> Result<(u64, String, ChunkHashes), ErrorReply> {
-        self.catalog
+    fn blob(&self, blob: BlobId) -> Result<Arc<CatalogBlob>, ErrorReply> {
+        let index = || {
+            self.blob_index
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(known) = index().get(&blob) {
+            return Ok(known.clone());
+        }
+        let (size, origin_key, hashes) = self
+            .catalog
             .blob_location(&blob)
             .map_err(catalog_error)?
             .ok_or_else(|| {
@@ -363,11 +412,19 @@ impl SeedState {
                     ErrorCode::NotFound,
                     format!("blob {blob} is not in the catalog"),
                 )
-            })
+            })?;
+        let entry = Arc::new(CatalogBlob {
+            size,
+            origin_key,
+            hashes,
+        });
+        index().put(blob, entry.clone());
+        Ok(entry)
     }
 
     fn chunk_hashes(&self, blob: BlobId, size: u64) -> Answer {
-        let (known_size, _, hashes) = self.blob(blob)?;
+        let entry = self.blob(blob)?;
+        let (known_size, hashes) = (entry.size, &entry.hashes);
         if known_size != size {
             return Err(error(
                 ErrorCode::BadRequest,
@@ -387,18 +444,42 @@ impl SeedState {
         index: u32,
         after_peer_failure: bool,
     ) -> Result<ChunkAnswer, ErrorReply> {
-        let (_, origin_key, hashes) = self.blob(blob)?;
+        let entry = self.blob(blob)?;
+        let (origin_key, hashes) = (&entry.origin_key, &entry.hashes);
         hashes
             .layout()
             .chunk_len(index)
             .map_err(|e| error(ErrorCode::BadRequest, e.to_string()))?;
         let decision = {
-            let tracker = self.tracker();
+            let mut tracker = self.tracker();
             let site = tracker
                 .node(&ctx.peer.name)
                 .map(|m| m.site.clone())
                 .unwrap_or_default();
             let holders = tracker.holders_of_chunk(&blob, index);
+            if !tracker.may_cross_wan(&blob, &ctx.peer.name) {
+                // A node of a WAN-limited site that is not one of its fetchers takes this
+                // chunk from inside the site, even after peer failures: the link's budget is
+                // the site's, and the chosen fetchers change when one of them goes away.
+                let mut names = tracker.site_fetchers(&blob, &site);
+                names.extend(
+                    holders
+                        .iter()
+                        .filter(|h| h.site == site)
+                        .map(|h| h.node.clone()),
+                );
+                names.sort();
+                names.dedup();
+                names.retain(|name| name != &ctx.peer.name);
+                let peers = tracker.peer_info(&blob, &names);
+                drop(tracker);
+                self.counters.redirects.fetch_add(1, Ordering::Relaxed);
+                return Ok(ChunkAnswer::Frame(Response::TryPeers {
+                    blob,
+                    index,
+                    peers,
+                }));
+            }
             let decision = self
                 .admission
                 .lock()
@@ -428,7 +509,7 @@ impl SeedState {
                 peers,
             }));
         }
-        let bytes = self.chunk_bytes(&hashes, &origin_key, index).await?;
+        let bytes = self.chunk_bytes(hashes, origin_key, index).await?;
         Ok(ChunkAnswer::Bytes(bytes))
     }
 
@@ -680,6 +761,10 @@ impl SeedState {
         // override that check once they are.
         let _ = force;
         let removed = self.catalog.delete(name, version).map_err(catalog_error)?;
+        self.blob_index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         for file in removed.iter().flat_map(|r| r.files.iter()) {
             let Ok(blob) = file.blob.parse::<BlobId>() else {
                 continue;

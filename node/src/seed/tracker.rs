@@ -5,7 +5,7 @@
 //! Owns: announcements, expiry, peer selection. Does not own: time (callers pass `now`) or
 //! authentication (the node name comes from the caller's certificate).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use pkgmesh_protocol::bitfield::Bitfield;
@@ -24,6 +24,11 @@ pub const MAX_PEERS_PER_ANSWER: usize = 64;
 /// Longest site name, listen address and tag accepted, so one node cannot bloat the tracker.
 const MAX_FIELD_CHARS: usize = 256;
 const MAX_TAGS: usize = 64;
+/// Distinct nodes that must report a peer for one blob before the tracker stops naming it: one
+/// report could be a lie by the reporter, aimed at an honest node.
+pub const BAN_QUORUM: usize = 2;
+/// (blob, peer) pairs with reports kept at once, so reports cannot grow without bound.
+const MAX_BAN_REPORTS: usize = 65_536;
 
 #[derive(Debug, Clone)]
 pub struct NodeMeta {
@@ -37,11 +42,100 @@ pub struct NodeMeta {
 pub struct Tracker {
     nodes: HashMap<String, NodeMeta>,
     by_blob: HashMap<BlobId, HashMap<String, Bitfield>>,
+    /// Who reported whom for which blob.
+    ban_reports: HashMap<(BlobId, String), BTreeSet<String>>,
+    /// Sites behind a thin WAN link: how many of their nodes may fetch from outside the site.
+    wan_fetchers: HashMap<String, usize>,
+    /// The nodes chosen to fetch each blob across each limited site's link.
+    assigned_fetchers: HashMap<(BlobId, String), Vec<String>>,
 }
 
 impl Tracker {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Limits which nodes of `site` take chunks from outside it (the seed or other sites): only
+    /// `fetchers` of them per blob, and the rest take from those. 0 removes the limit.
+    pub fn set_wan_fetchers(&mut self, site: &str, fetchers: usize) {
+        if fetchers == 0 {
+            self.wan_fetchers.remove(site);
+        } else {
+            self.wan_fetchers.insert(site.to_string(), fetchers);
+        }
+    }
+
+    /// Records that `reporter` dropped `peer` for `blob`. Returns true once the peer is
+    /// distrusted for that blob (reported by [`BAN_QUORUM`] distinct nodes).
+    pub fn report_ban(&mut self, blob: &BlobId, peer: &str, reporter: &str) -> bool {
+        if peer == reporter {
+            return self.distrusted(blob, peer);
+        }
+        let key = (*blob, peer.to_string());
+        if !self.ban_reports.contains_key(&key) && self.ban_reports.len() >= MAX_BAN_REPORTS {
+            return self.distrusted(blob, peer);
+        }
+        self.ban_reports
+            .entry(key)
+            .or_default()
+            .insert(reporter.to_string());
+        self.distrusted(blob, peer)
+    }
+
+    /// Distinct nodes that reported `peer` for `blob`.
+    pub fn reporters(&self, blob: &BlobId, peer: &str) -> usize {
+        self.ban_reports
+            .get(&(*blob, peer.to_string()))
+            .map_or(0, BTreeSet::len)
+    }
+
+    /// The peer was reported for this blob by enough distinct nodes to stop naming it.
+    pub fn distrusted(&self, blob: &BlobId, peer: &str) -> bool {
+        self.ban_reports
+            .get(&(*blob, peer.to_string()))
+            .is_some_and(|reporters| reporters.len() >= BAN_QUORUM)
+    }
+
+    /// Whether `node` may take chunks of `blob` from outside its site. In a site with a WAN
+    /// limit of N, the first N live, trusted nodes of the site to ask for the blob become its
+    /// fetchers and stay so while they live: the choice is stable (so the link carries each
+    /// byte about once), and a fetcher that expires or is distrusted is replaced by the next
+    /// node to ask.
+    pub fn may_cross_wan(&mut self, blob: &BlobId, node: &str) -> bool {
+        let Some(site) = self.nodes.get(node).map(|meta| meta.site.clone()) else {
+            return true;
+        };
+        let Some(&limit) = self.wan_fetchers.get(&site) else {
+            return true;
+        };
+        let mut fetchers = self.site_fetchers(blob, &site);
+        if fetchers.iter().any(|name| name == node) {
+            return true;
+        }
+        if fetchers.len() >= limit || self.distrusted(blob, node) {
+            return false;
+        }
+        fetchers.push(node.to_string());
+        self.assigned_fetchers.insert((*blob, site), fetchers);
+        true
+    }
+
+    /// The live, trusted fetchers of `blob` in a WAN-limited `site` (empty for a site without a
+    /// limit, or before any node of it asked).
+    pub fn site_fetchers(&self, blob: &BlobId, site: &str) -> Vec<String> {
+        self.assigned_fetchers
+            .get(&(*blob, site.to_string()))
+            .map(|names| {
+                names
+                    .iter()
+                    .filter(|name| {
+                        self.nodes.get(*name).is_some_and(|meta| meta.site == site)
+                            && !self.distrusted(blob, name)
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Records an announcement from `node` (its certificate name). Refuses malformed content
@@ -125,6 +219,15 @@ impl Tracker {
             }
         }
         if !stale.is_empty() {
+            let nodes = &self.nodes;
+            self.ban_reports
+                .retain(|(_, peer), _| nodes.contains_key(peer));
+            self.assigned_fetchers.retain(|_, names| {
+                names.retain(|name| nodes.contains_key(name));
+                !names.is_empty()
+            });
+        }
+        if !stale.is_empty() {
             self.by_blob.retain(|_, holders| !holders.is_empty());
         }
     }
@@ -140,13 +243,15 @@ impl Tracker {
     /// Peers holding any chunk of `blob`, except `asker`: all same-site holders first (up to
     /// `max`), then a random sample of the rest.
     pub fn peers(
-        &self,
+        &mut self,
         blob: &BlobId,
         asker: &str,
         max: usize,
         rng: &mut impl rand::Rng,
     ) -> Vec<PeerInfo> {
         let max = max.min(MAX_PEERS_PER_ANSWER);
+        // Asking is what makes a node of a WAN-limited site one of its fetchers.
+        let may_cross_wan = self.may_cross_wan(blob, asker);
         let Some(holders) = self.by_blob.get(blob) else {
             return Vec::new();
         };
@@ -154,7 +259,7 @@ impl Tracker {
         let mut same: Vec<(&String, &Bitfield, &NodeMeta)> = Vec::new();
         let mut other: Vec<(&String, &Bitfield, &NodeMeta)> = Vec::new();
         for (name, chunks) in holders {
-            if name == asker {
+            if name == asker || self.distrusted(blob, name) {
                 continue;
             }
             let Some(meta) = self.nodes.get(name) else {
@@ -162,7 +267,7 @@ impl Tracker {
             };
             if Some(meta.site.as_str()) == asker_site {
                 same.push((name, chunks, meta));
-            } else {
+            } else if may_cross_wan {
                 other.push((name, chunks, meta));
             }
         }
@@ -187,7 +292,7 @@ impl Tracker {
         };
         holders
             .iter()
-            .filter(|(_, chunks)| chunks.get(index))
+            .filter(|(name, chunks)| chunks.get(index) && !self.distrusted(blob, name))
             .filter_map(|(name, _)| {
                 self.nodes.get(name).map(|meta| Holder {
                     node: name.clone(),
@@ -201,6 +306,7 @@ impl Tracker {
     pub fn peer_info(&self, blob: &BlobId, names: &[String]) -> Vec<PeerInfo> {
         names
             .iter()
+            .filter(|name| !self.distrusted(blob, name))
             .filter_map(|name| {
                 let meta = self.nodes.get(name)?;
                 Some(PeerInfo {
@@ -333,5 +439,82 @@ mod tests {
         let mut bad = announcement("s\u{1b}[2J", &[0]);
         bad.holdings.clear();
         assert!(tracker.announce("a", bad, Instant::now()).is_err());
+    }
+
+    #[test]
+    fn a_peer_is_named_until_a_quorum_of_distinct_nodes_reports_it() {
+        let mut tracker = Tracker::new();
+        let now = Instant::now();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        for name in ["asker", "liar", "victim", "other"] {
+            tracker
+                .announce(name, announcement("s", &[0, 1]), now)
+                .unwrap();
+        }
+        // One node's word, however often repeated, is not enough; nor is a self-report.
+        assert!(!tracker.report_ban(&BLOB, "victim", "liar"));
+        assert!(!tracker.report_ban(&BLOB, "victim", "liar"));
+        assert!(!tracker.report_ban(&BLOB, "victim", "victim"));
+        assert!(tracker
+            .peers(&BLOB, "asker", 10, &mut rng)
+            .iter()
+            .any(|p| p.node == "victim"));
+        assert!(tracker.report_ban(&BLOB, "victim", "other"));
+        assert!(tracker
+            .peers(&BLOB, "asker", 10, &mut rng)
+            .iter()
+            .all(|p| p.node != "victim"));
+        assert!(tracker
+            .holders_of_chunk(&BLOB, 0)
+            .iter()
+            .all(|h| h.node != "victim"));
+        // Only for that blob.
+        assert!(!tracker.distrusted(&BlobId([2; 32]), "victim"));
+    }
+
+    #[test]
+    fn a_wan_limited_site_keeps_its_first_fetchers_and_replaces_departed_ones() {
+        let mut tracker = Tracker::new();
+        tracker.set_wan_fetchers("edge", 1);
+        let now = Instant::now();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        tracker
+            .announce("core", announcement("core", &[0, 1, 2]), now)
+            .unwrap();
+        for name in ["edge-a", "edge-b"] {
+            tracker
+                .announce(name, announcement("edge", &[]), now)
+                .unwrap();
+        }
+        // edge-a asks first: it fetches across the link, and sees the other site's holder.
+        let peers = tracker.peers(&BLOB, "edge-a", 10, &mut rng);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].node, "core");
+        // edge-b does not: it is told of nothing outside its site.
+        assert!(tracker.peers(&BLOB, "edge-b", 10, &mut rng).is_empty());
+        assert!(!tracker.may_cross_wan(&BLOB, "edge-b"));
+        assert!(tracker.may_cross_wan(&BLOB, "edge-a"));
+        assert!(
+            tracker.may_cross_wan(&BLOB, "core"),
+            "other sites are not limited"
+        );
+        assert_eq!(
+            tracker.site_fetchers(&BLOB, "edge"),
+            vec!["edge-a".to_string()]
+        );
+        // edge-a goes silent and expires: the next to ask takes over.
+        let later = now + ENTRY_TTL + Duration::from_secs(1);
+        for name in ["core", "edge-b"] {
+            let site = if name == "core" { "core" } else { "edge" };
+            tracker
+                .announce(name, announcement(site, &[0]), later)
+                .unwrap();
+        }
+        tracker.expire(later);
+        assert!(tracker.may_cross_wan(&BLOB, "edge-b"));
+        assert_eq!(
+            tracker.site_fetchers(&BLOB, "edge"),
+            vec!["edge-b".to_string()]
+        );
     }
 }
