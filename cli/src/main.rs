@@ -49,6 +49,16 @@ enum Command {
     Status(commands::local::LocalArgs),
     /// A node's downloads in flight, with their progress (asks the node).
     Transfers(commands::local::LocalArgs),
+    /// Install a package version on this node: fetch it through the swarm, run its scripts
+    /// with Distributor's semantics (asks the node).
+    Install(commands::install::InstallArgs),
+    /// Uninstall a package from this node (asks the node).
+    Uninstall(commands::install::UninstallArgs),
+    /// What this node has installed, with state, versions and exit codes (asks the node).
+    Installed(commands::install::InstalledArgs),
+    /// Deployments: install a package on the nodes matching targets, at a controlled pace.
+    #[command(subcommand)]
+    Deploy(commands::deploy::DeployCommand),
     /// Publish and manage packages in the seed's catalog.
     #[command(subcommand)]
     Package(commands::package::PackageCommand),
@@ -71,6 +81,10 @@ fn main() -> ExitCode {
         Command::Node(args) => commands::node::run(args),
         Command::Fetch(args) => commands::fetch::run(args),
         Command::Status(args) => commands::local::run_status(args),
+        Command::Install(args) => commands::install::run_install(args),
+        Command::Uninstall(args) => commands::install::run_uninstall(args),
+        Command::Installed(args) => commands::install::run_installed(args),
+        Command::Deploy(command) => commands::deploy::run(command),
         Command::Transfers(args) => commands::local::run_transfers(args),
         Command::Package(command) => commands::package::run(command),
         Command::Where(args) => commands::fleet::run_where(args),

@@ -69,3 +69,14 @@ pub fn print_platforms(rows: &[PlatformRow]) {
         .collect();
     print_table(&["PLATFORM", "VERSION", "ARCH", "FILE"], &rows);
 }
+
+/// Unix seconds as RFC 3339 in UTC (`2026-11-26T10:00:00Z`), for tables.
+pub fn rfc3339(unix_secs: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_secs.min(i64::MAX as u64) as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix_secs.to_string())
+}

@@ -16,6 +16,7 @@
 
 pub mod bitfield;
 pub mod blob;
+pub mod deploy;
 pub mod manifest;
 pub mod names;
 pub mod platform;

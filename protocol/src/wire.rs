@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bitfield::Bitfield;
 use crate::blob::BlobId;
+use crate::deploy::{DeploymentInfo, DeploymentSpec, DesiredState, InstallReport};
 
 /// ALPN protocol id of pkgmesh over QUIC.
 pub const ALPN: &[u8] = b"pkgmesh/1";
@@ -136,6 +137,25 @@ pub enum Request {
         peer: String,
         reason: String,
     },
+    /// Start a deployment (role deployer); answered with [`Response::Deployment`].
+    CreateDeployment(DeploymentSpec),
+    /// Every deployment, newest first, without per-node detail (role deployer or operator).
+    ListDeployments,
+    /// One deployment with its nodes (role deployer or operator).
+    GetDeployment {
+        id: u64,
+    },
+    CancelDeployment {
+        id: u64,
+    },
+    /// The installs this node should carry out (role node). Answered at once when the seed's
+    /// generation differs from `generation`, else when it changes or after `wait_secs`.
+    GetDesiredState {
+        generation: u64,
+        wait_secs: u32,
+    },
+    /// How an assignment went on this node (role node).
+    ReportInstall(InstallReport),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +247,9 @@ pub enum Response {
         blob: BlobId,
         chunks: Option<Bitfield>,
     },
+    Deployment(Box<DeploymentInfo>),
+    Deployments(Vec<DeploymentInfo>),
+    DesiredState(DesiredState),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -119,9 +119,15 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        let mut command = Command::new(pkgmesh());
+        command.args(args);
+        Daemon::spawn(command)
+    }
+
+    /// Starts a prepared `pkgmesh` command as a daemon and waits for its ready line.
+    pub fn spawn(mut command: Command) -> Daemon {
         use std::io::BufRead;
-        let mut child = Command::new(pkgmesh())
-            .args(args)
+        let mut child = command
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())

@@ -115,7 +115,7 @@ pub fn run_audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|r| {
                     vec![
-                        r.time.to_string(),
+                        crate::output::rfc3339(r.time),
                         r.caller.clone(),
                         r.roles.join(","),
                         r.action.clone(),

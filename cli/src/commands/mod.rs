@@ -3,8 +3,10 @@
 pub mod blob;
 pub mod ca;
 pub mod demo;
+pub mod deploy;
 pub mod fetch;
 pub mod fleet;
+pub mod install;
 pub mod local;
 pub mod manifest;
 pub mod node;

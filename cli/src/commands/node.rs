@@ -142,6 +142,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         None
     };
     settings.admin_socket = Some(admin_socket);
+    settings.follow_deployments = true;
     runtime()?.block_on(async move {
         let running = peer::start(settings).await?;
         if args.json {

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
+use crate::peer::agent::{fetch_and_install, summarize, InstallEvent, InstallOrder};
 use crate::peer::fetch::start_fetch;
 use crate::peer::package::{node_platform, resolve_package, PackageFile};
 use crate::peer::transfers::{TransferState, TransferStatus};
@@ -112,6 +113,9 @@ pub async fn serve_admin(
         .route("/v1/transfers", get(transfers))
         .route("/v1/fetch", post(fetch))
         .route("/v1/blobs/{blob}", get(blob))
+        .route("/v1/install", post(install))
+        .route("/v1/uninstall", post(uninstall))
+        .route("/v1/installed", get(installed))
         .with_state(state);
     let listener = OwnerOnly {
         inner: listener,
@@ -297,6 +301,81 @@ async fn run_fetch(
             }
         }
     }
+}
+
+/// `POST /v1/install`: newline-delimited [`InstallEvent`]s, the last `done` or `failed`.
+async fn install(State(state): State<Arc<NodeState>>, Json(order): Json<InstallOrder>) -> Response {
+    let (events, receiver) = mpsc::unbounded_channel::<InstallEvent>();
+    tokio::spawn(async move {
+        let sink = events.clone();
+        let result = fetch_and_install(&state, order, move |event| {
+            let _ = sink.send(event);
+        })
+        .await;
+        let last = match result {
+            Ok(summary) => InstallEvent::Done(summary),
+            Err(error) => InstallEvent::Failed {
+                message: format!("{error:#}"),
+            },
+        };
+        let _ = events.send(last);
+    });
+    ndjson(receiver)
+}
+
+/// `POST /v1/uninstall` with `{"name": ...}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UninstallOrder {
+    pub name: String,
+}
+
+async fn uninstall(
+    State(state): State<Arc<NodeState>>,
+    Json(order): Json<UninstallOrder>,
+) -> Response {
+    let installer = match state.installer() {
+        Ok(installer) => installer,
+        Err(e) => return api_error(StatusCode::CONFLICT, format!("{e:#}")),
+    };
+    let request = crate::install::UninstallRequest::new(order.name);
+    match installer.uninstall(request, |_| {}).await {
+        Ok(outcome) => Json(summarize(&installer, &outcome)).into_response(),
+        Err(crate::install::InstallError::NotInstalled { name }) => api_error(
+            StatusCode::NOT_FOUND,
+            format!("package {name:?} is not installed"),
+        ),
+        Err(e) => api_error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+async fn installed(State(state): State<Arc<NodeState>>) -> Response {
+    let installer = match state.installer() {
+        Ok(installer) => installer,
+        Err(e) => return api_error(StatusCode::CONFLICT, format!("{e:#}")),
+    };
+    match tokio::task::spawn_blocking(move || installer.installed()).await {
+        Ok(Ok(records)) => Json(records).into_response(),
+        Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// A response body of one JSON line per event.
+fn ndjson<T: Serialize + Send + 'static>(receiver: mpsc::UnboundedReceiver<T>) -> Response {
+    let lines = futures::stream::unfold(receiver, |mut receiver| async move {
+        let event = receiver.recv().await?;
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(line)),
+            receiver,
+        ))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response()
 }
 
 async fn blob(State(state): State<Arc<NodeState>>, UrlPath(blob): UrlPath<String>) -> Response {

@@ -25,6 +25,7 @@ use crate::pki::{Identity, Role};
 use crate::swarm::ratelimit::RateLimiter;
 use crate::transport::{self, reply_error, require_role, RequestContext, RequestHandler};
 
+pub mod agent;
 pub mod fetch;
 pub mod package;
 pub mod transfers;
@@ -58,6 +59,8 @@ pub struct NodeSettings {
     pub platform: Option<Platform>,
     /// Where the admin API listens (a Unix socket); `None` runs without one.
     pub admin_socket: Option<PathBuf>,
+    /// Long-poll the seed for deployments and install them (a one-shot fetch does not).
+    pub follow_deployments: bool,
 }
 
 impl NodeSettings {
@@ -79,6 +82,7 @@ impl NodeSettings {
             max_uploads: Self::DEFAULT_MAX_UPLOADS,
             platform: None,
             admin_socket: None,
+            follow_deployments: false,
         }
     }
 
@@ -124,6 +128,8 @@ pub struct NodeState {
     /// Downloads in flight, with their progress.
     pub transfers: transfers::Transfers,
     pub served: ServeCounters,
+    /// The installer, when this node's platform is known.
+    installer: Option<Arc<crate::install::Installer>>,
     known_peers: std::sync::Mutex<HashMap<String, KnownPeer>>,
     seed: tokio::sync::Mutex<SeedSlot>,
 }
@@ -161,6 +167,13 @@ impl NodeState {
                 Err(error)
             }
         }
+    }
+
+    /// The installer, or why there is none.
+    pub fn installer(&self) -> anyhow::Result<Arc<crate::install::Installer>> {
+        self.installer.clone().context(
+            "this node cannot install: its platform is unknown (give --platform and --platform-version)",
+        )
     }
 
     /// Whether the node holds a live connection to the seed now.
@@ -291,6 +304,35 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
         })
     })
     .await??;
+    let installer = match settings
+        .platform
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(pkgmesh_protocol::platform::detect_platform)
+    {
+        Ok(platform) => {
+            let installer = crate::install::Installer::open(
+                &settings.data,
+                platform,
+                crate::install::InstallerOptions::default(),
+            )?;
+            // An install the node was killed in is finished or rolled back before anything
+            // else runs, so every package is in a known state.
+            for record in installer.recover().await? {
+                tracing::warn!(
+                    package = record.name,
+                    state = %record.state,
+                    message = record.message.as_deref().unwrap_or(""),
+                    "recovered an interrupted install"
+                );
+            }
+            Some(Arc::new(installer))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "platform unknown: this node serves and fetches but cannot install");
+            None
+        }
+    };
     let endpoint = transport::make_endpoint(settings.listen, &settings.identity)?;
     let local_addr = endpoint.local_addr()?;
     let mut settings = settings;
@@ -308,6 +350,7 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
         uploads: Arc::new(Semaphore::new(max_uploads)),
         transfers: transfers::Transfers::default(),
         served: ServeCounters::default(),
+        installer,
         known_peers: std::sync::Mutex::new(HashMap::new()),
         seed: tokio::sync::Mutex::new(SeedSlot::default()),
     });
@@ -325,6 +368,9 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
     };
     tasks.push(tokio::spawn(transport::serve(endpoint, handler)));
     tasks.push(tokio::spawn(announce_loop(state.clone())));
+    if state.settings.follow_deployments {
+        tasks.push(tokio::spawn(agent::desired_state_loop(state.clone())));
+    }
     tracing::info!(%local_addr, site = state.settings.site, "node serving");
     Ok(RunningNode {
         local_addr,

@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod catalog;
+pub mod deployments;
 mod service;
 pub mod tracker;
 
@@ -121,6 +122,7 @@ pub async fn start(settings: SeedSettings) -> anyhow::Result<RunningSeed> {
         tmp_dir,
         max_upload_bytes: settings.max_upload_bytes,
         zip_limits: ZipLimits::default(),
+        deployments: deployments::Deployments::open(&data.join("deployments.redb"))?,
         blob_index: Mutex::new(lru::LruCache::new(
             std::num::NonZeroUsize::new(service::BLOB_INDEX_ENTRIES).context("index size")?,
         )),
@@ -133,7 +135,10 @@ pub async fn start(settings: SeedSettings) -> anyhow::Result<RunningSeed> {
     let serving = tokio::spawn(transport::serve(endpoint.clone(), handler));
     let housekeeping_state = state.clone();
     let housekeeping = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        // Rollouts step every second: new nodes that match, due repeats and default changes
+        // start within that; reports and creations step at once.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             housekeeping_state
@@ -141,6 +146,7 @@ pub async fn start(settings: SeedSettings) -> anyhow::Result<RunningSeed> {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .expire(std::time::Instant::now());
+            housekeeping_state.roll_out();
         }
     });
     tracing::info!(%local_addr, origin = state.origin.url(), "seed serving");

@@ -47,6 +47,10 @@ const CATALOG_READERS: &[Role] = &[
 ];
 const PUBLISHERS: &[Role] = &[Role::Publisher, Role::Admin];
 const OPERATORS: &[Role] = &[Role::Operator, Role::Admin];
+const DEPLOYERS: &[Role] = &[Role::Deployer, Role::Admin];
+const DEPLOYMENT_READERS: &[Role] = &[Role::Deployer, Role::Operator, Role::Admin];
+/// Longest a node's desired-state request is held open (below the client's request timeout).
+const MAX_DESIRED_WAIT: Duration = Duration::from_secs(20);
 
 /// Payload counters: what the seed sent and why it did not.
 #[derive(Debug, Default)]
@@ -69,6 +73,7 @@ pub struct SeedState {
     pub tmp_dir: PathBuf,
     pub max_upload_bytes: u64,
     pub zip_limits: ZipLimits,
+    pub deployments: super::deployments::Deployments,
     /// Verified chunk-hash lists of recently asked blobs: every chunk request needs one, and
     /// reading and re-verifying it from the catalog each time costs more than serving the chunk.
     pub blob_index: Mutex<lru::LruCache<BlobId, Arc<CatalogBlob>>>,
@@ -263,6 +268,103 @@ impl RequestHandler for SeedHandler {
                         }
                     })
             }
+            Request::CreateDeployment(spec) => {
+                let target = format!("{}@{}", spec.package, spec.version);
+                let answer = state
+                    .checked(&ctx, DEPLOYERS, "deploy-create", &target)
+                    .and_then(|()| {
+                        let info = state
+                            .deployments
+                            .create(
+                                spec,
+                                &ctx.peer.name,
+                                &CatalogVersions(&state.catalog),
+                                now_unix(),
+                            )
+                            .map_err(deployment_error)?;
+                        state.roll_out();
+                        state
+                            .deployments
+                            .get(info.id)
+                            .map(|info| Response::Deployment(Box::new(info)))
+                            .map_err(deployment_error)
+                    });
+                state.audit_outcome(&ctx, "deploy-create", &target, &answer);
+                answer
+            }
+            Request::ListDeployments => state
+                .checked(&ctx, DEPLOYMENT_READERS, "deploy-list", "*")
+                .map(|()| Response::Deployments(state.deployments.list())),
+            Request::GetDeployment { id } => state
+                .checked(&ctx, DEPLOYMENT_READERS, "deploy-status", &id.to_string())
+                .and_then(|()| {
+                    state
+                        .deployments
+                        .get(id)
+                        .map(|info| Response::Deployment(Box::new(info)))
+                        .map_err(deployment_error)
+                }),
+            Request::CancelDeployment { id } => {
+                let target = id.to_string();
+                let answer = state
+                    .checked(&ctx, DEPLOYERS, "deploy-cancel", &target)
+                    .and_then(|()| {
+                        state
+                            .deployments
+                            .cancel(id)
+                            .map(|info| Response::Deployment(Box::new(info)))
+                            .map_err(deployment_error)
+                    });
+                state.audit_outcome(&ctx, "deploy-cancel", &target, &answer);
+                answer
+            }
+            Request::GetDesiredState {
+                generation,
+                wait_secs,
+            } => match state.checked(&ctx, &[Role::Node], "desired-state", &ctx.peer.name) {
+                Err(refusal) => Err(refusal),
+                Ok(()) => {
+                    let mut changes = state.deployments.subscribe();
+                    let wait = Duration::from_secs(wait_secs as u64).min(MAX_DESIRED_WAIT);
+                    let mut desired = state.deployments.desired(&ctx.peer.name);
+                    if desired.generation == generation {
+                        let _ = tokio::time::timeout(wait, changes.changed()).await;
+                        desired = state.deployments.desired(&ctx.peer.name);
+                    }
+                    Ok(Response::DesiredState(desired))
+                }
+            },
+            Request::ReportInstall(report) => {
+                let target = format!("deployment {} run {}", report.deployment, report.run);
+                match state.checked(&ctx, &[Role::Node], "install-report", &target) {
+                    Err(refusal) => Err(refusal),
+                    Ok(()) => {
+                        let outcome = format!(
+                            "{} {}{}",
+                            report.state,
+                            report.version,
+                            report
+                                .exit_code
+                                .map(|c| format!(" (exit {c})"))
+                                .unwrap_or_default()
+                        );
+                        let answer = state
+                            .deployments
+                            .report(&ctx.peer.name, report, now_unix())
+                            .map_err(deployment_error)
+                            .map(|()| {
+                                state.roll_out();
+                                Response::Done {
+                                    message: "report recorded".into(),
+                                }
+                            });
+                        if answer.is_ok() {
+                            state.audit(&ctx, "install-report", &target, &outcome);
+                        }
+                        answer
+                    }
+                }
+            }
             Request::GetBitfield { .. } => Err(error(
                 ErrorCode::BadRequest,
                 "the seed serves every chunk of its catalog; ask nodes for their bitfields",
@@ -328,7 +430,53 @@ impl Drop for Spool {
     }
 }
 
+/// The catalog as the rollout sees it.
+struct CatalogVersions<'a>(&'a Catalog);
+
+impl super::deployments::VersionSource for CatalogVersions<'_> {
+    fn default_version(&self, package: &str) -> Option<String> {
+        self.0
+            .package(package)
+            .ok()
+            .flatten()
+            .and_then(|p| p.default_version().map(|v| v.version.clone()))
+    }
+
+    fn has_version(&self, package: &str, version: &str) -> bool {
+        self.0
+            .package(package)
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.version(version).is_some())
+    }
+}
+
+fn deployment_error(e: super::deployments::DeploymentError) -> ErrorReply {
+    use super::deployments::DeploymentError;
+    let code = match e {
+        DeploymentError::NoSuchDeployment(_) => ErrorCode::NotFound,
+        DeploymentError::Refused(_) => ErrorCode::BadRequest,
+        DeploymentError::Store { .. } => ErrorCode::Internal,
+    };
+    error(code, e.to_string())
+}
+
 impl SeedState {
+    /// One rollout step over the nodes the tracker knows now.
+    pub fn roll_out(&self) {
+        let nodes: Vec<(String, super::tracker::NodeMeta)> = self
+            .tracker()
+            .nodes()
+            .map(|(name, meta)| (name.clone(), meta.clone()))
+            .collect();
+        if let Err(e) =
+            self.deployments
+                .roll_out(&nodes, &CatalogVersions(&self.catalog), now_unix())
+        {
+            tracing::warn!(error = %e, "deployment rollout step failed");
+        }
+    }
+
     fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
         self.tracker
             .lock()
