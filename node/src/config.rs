@@ -182,4 +182,22 @@ mod tests {
         assert!(error.contains("upload limit"), "{error}");
         assert_eq!(rate_setting("x", Some("32Mbit"), None).unwrap(), 4_000_000);
     }
+
+    #[test]
+    fn the_example_configs_parse_with_every_setting_they_show() {
+        let seed: SeedFile = parse(include_str!("../../examples/seed.toml")).unwrap();
+        assert_eq!(seed.listen.as_deref(), Some("0.0.0.0:7400"));
+        assert_eq!(seed.origin_settings.max_in_flight, Some(16));
+        let node: NodeFile = parse(include_str!("../../examples/node.toml")).unwrap();
+        assert_eq!(node.site.as_deref(), Some("eu-west-1a"));
+        assert_eq!(node.max_uploads, Some(16));
+        assert_eq!(node.tags.get("role").map(String::as_str), Some("web"));
+        assert_eq!(
+            rate_setting("upload limit", None, node.upload_limit.as_deref()).unwrap(),
+            25_000_000
+        );
+        let sites: SeedFile = parse("[sites.edge]\nwan_fetchers = 2").unwrap();
+        assert_eq!(sites.sites["edge"].wan_fetchers, Some(2));
+        assert!(parse::<SeedFile>("[sites.edge]\nfetchers = 2").is_err());
+    }
 }

@@ -555,4 +555,27 @@ mod tests {
         store.cancel(held.id).unwrap();
         assert!(store.desired("b").assignments.is_empty());
     }
+
+    #[test]
+    fn a_repeating_deployment_starts_a_new_run_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Deployments::open(&dir.path().join("d.redb")).unwrap();
+        let nodes = vec![node("a", "prod")];
+        let catalog = Catalog(vec![("pkg", "1")], "1");
+        let mut repeating = spec(VersionSpec::Exact("1".into()), "node:a", 1);
+        repeating.schedule = Schedule::Every { secs: 60 };
+        let d = store.create(repeating, "ops", &catalog, 0).unwrap();
+        store.roll_out(&nodes, &catalog, 0).unwrap();
+        store
+            .report("a", report(d.id, 1, NodeDeployState::Succeeded), 1)
+            .unwrap();
+        store.roll_out(&nodes, &catalog, 59).unwrap();
+        assert!(store.desired("a").assignments.is_empty(), "not due yet");
+        let generation = store.desired("a").generation;
+        store.roll_out(&nodes, &catalog, 60).unwrap();
+        let desired = store.desired("a");
+        assert_eq!(desired.assignments.len(), 1);
+        assert_eq!(desired.assignments[0].run, 2);
+        assert!(desired.generation > generation, "nodes are woken");
+    }
 }
