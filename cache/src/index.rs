@@ -1,14 +1,13 @@
 //! The redb index: registered blobs (their chunk-hash lists), pins, and one row per chunk held.
 //!
-//! Blob and pin rows are committed durably: they are rare, and a chunk file can only be trusted
-//! or re-verified while its blob's hash list survives. Chunk rows are committed with relaxed
-//! durability and made durable in batches ([`DURABLE_EVERY_COMMITS`], [`DURABLE_EVERY_BYTES`],
-//! [`DURABLE_EVERY`]), because the chunk files, not these rows, are what a crash must not lose:
-//! a file whose row was lost is re-verified and adopted at the next open.
+//! Every commit is durable. Blob and pin rows are committed as they change: they are rare, and
+//! a chunk file can only be trusted or re-verified while its blob's hash list survives. Chunk
+//! rows are committed in batches by the store's sync rounds (see `sync`), each only after the
+//! files it names were synced, so a row always names a durable, verified file and open can
+//! trust it without re-hashing. A file whose row is missing is re-verified and adopted at open.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
 
 use pkgmesh_protocol::blob::{BlobId, ChunkHashes};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -21,13 +20,6 @@ const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
 const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
 /// Blob id (32 bytes) + pin reason (UTF-8) → nothing.
 const PINS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("pins");
-
-/// Relaxed commits between durable ones: bounds how many chunks a crash leaves to re-verify.
-pub(crate) const DURABLE_EVERY_COMMITS: u32 = 512;
-/// Chunk bytes between durable commits: bounds the re-verification work in bytes as well.
-pub(crate) const DURABLE_EVERY_BYTES: u64 = 256 << 20;
-/// Time between durable commits while writes go on.
-pub(crate) const DURABLE_EVERY: Duration = Duration::from_secs(2);
 
 /// The index never needs much cache: its rows are small and read once at open.
 const INDEX_CACHE_BYTES: usize = 16 << 20;
@@ -71,9 +63,6 @@ pub(crate) struct Index {
 struct IndexInner {
     /// `None` after a failure closed the handle; reopened by [`Index::rebuild`].
     db: Option<Database>,
-    relaxed_commits: u32,
-    relaxed_bytes: u64,
-    last_durable: Instant,
 }
 
 impl Index {
@@ -81,12 +70,7 @@ impl Index {
         let db = open_database(path)?;
         let index = Index {
             path: path.to_path_buf(),
-            inner: Mutex::new(IndexInner {
-                db: Some(db),
-                relaxed_commits: 0,
-                relaxed_bytes: 0,
-                last_durable: Instant::now(),
-            }),
+            inner: Mutex::new(IndexInner { db: Some(db) }),
         };
         // Create the tables so reads never meet a missing one.
         index.write(Durability::Immediate, |txn| {
@@ -198,25 +182,13 @@ impl Index {
         })
     }
 
-    /// Applies chunk-row changes with relaxed durability, made durable every so often.
-    pub fn chunk_ops(&self, ops: &[ChunkOp], bytes: u64) -> Result<(), CacheError> {
+    /// Applies a sync round's chunk-row changes in one durable commit. The caller has synced
+    /// every file a put row names.
+    pub fn chunk_ops(&self, ops: &[ChunkOp]) -> Result<(), CacheError> {
         if ops.is_empty() {
             return Ok(());
         }
-        let durability = {
-            let mut inner = self.lock();
-            inner.relaxed_commits += 1;
-            inner.relaxed_bytes += bytes;
-            if inner.relaxed_commits >= DURABLE_EVERY_COMMITS
-                || inner.relaxed_bytes >= DURABLE_EVERY_BYTES
-                || inner.last_durable.elapsed() >= DURABLE_EVERY
-            {
-                Durability::Immediate
-            } else {
-                Durability::None
-            }
-        };
-        self.write(durability, |txn| {
+        self.write(Durability::Immediate, |txn| {
             let mut table = txn.open_table(CHUNKS)?;
             for op in ops {
                 match op {
@@ -271,11 +243,6 @@ impl Index {
         })
     }
 
-    /// Makes every relaxed commit so far durable.
-    pub fn flush(&self) -> Result<(), CacheError> {
-        self.write(Durability::Immediate, |_| Ok(()))
-    }
-
     /// Reopens the index file after a failure and rewrites it from `snapshot`.
     pub fn rebuild(&self, snapshot: Snapshot) -> Result<(), CacheError> {
         {
@@ -320,14 +287,7 @@ impl Index {
             Ok(())
         })();
         match result {
-            Ok(()) => {
-                if matches!(durability, Durability::Immediate) {
-                    inner.relaxed_commits = 0;
-                    inner.relaxed_bytes = 0;
-                    inner.last_durable = Instant::now();
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(error) => {
                 // A failed commit may leave the handle refusing all further use (redb latches
                 // I/O errors); close it so the store knows to rebuild.

@@ -210,7 +210,9 @@ impl ChunkWriter {
         Ok(())
     }
 
-    /// Checks the hash and, if right, makes the chunk durable and visible.
+    /// Checks the hash and, if right, makes the chunk visible. Like
+    /// [`ChunkStore::put_chunk`](crate::ChunkStore::put_chunk), the chunk then survives a crash
+    /// of the process, and a power loss once the next sync round (or a `flush`) has run.
     pub fn commit(mut self) -> Result<(), CacheError> {
         let (id, index) = self.guard.key();
         let (Some(verifier), Some(tmp), Some(reservation), false) = (
@@ -236,7 +238,8 @@ impl Write for ChunkWriter {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        // Durability comes with commit; there is nothing useful to do before it.
+        // Visibility comes with commit and durability with the sync round after it; there is
+        // nothing useful to do before commit.
         Ok(())
     }
 }

@@ -49,6 +49,18 @@ enum Command {
     Status(commands::local::LocalArgs),
     /// A node's downloads in flight, with their progress (asks the node).
     Transfers(commands::local::LocalArgs),
+    /// A node's chunk cache: list, stats, verify, evict, pin, unpin (asks the node).
+    #[command(subcommand)]
+    Cache(commands::cache::CacheCommand),
+    /// The peers a node knows and exchanged chunks with: site, rates, bans (asks the node).
+    Peers(commands::local::LocalArgs),
+    /// The scripts the last action on a package ran, with their output (asks the node).
+    InstallLog(commands::local::InstallLogArgs),
+    /// Every node the seed's tracker knows: site, tags, last seen, cache use (role operator).
+    Nodes(commands::fleet::NodesArgs),
+    /// Make nodes (one per site by default) fetch a package version ahead of a deployment
+    /// (role operator or deployer).
+    Preheat(commands::fleet::PreheatArgs),
     /// Install a package version on this node: fetch it through the swarm, run its scripts
     /// with Distributor's semantics (asks the node).
     Install(commands::install::InstallArgs),
@@ -86,6 +98,11 @@ fn main() -> ExitCode {
         Command::Installed(args) => commands::install::run_installed(args),
         Command::Deploy(command) => commands::deploy::run(command),
         Command::Transfers(args) => commands::local::run_transfers(args),
+        Command::Cache(command) => commands::cache::run(command),
+        Command::Peers(args) => commands::local::run_peers(args),
+        Command::InstallLog(args) => commands::local::run_install_log(args),
+        Command::Nodes(args) => commands::fleet::run_nodes(args),
+        Command::Preheat(args) => commands::fleet::run_preheat(args),
         Command::Package(command) => commands::package::run(command),
         Command::Where(args) => commands::fleet::run_where(args),
         Command::Audit(args) => commands::fleet::run_audit(args),

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod client;
 pub mod config;
 pub mod install;
+pub mod metrics;
 pub mod origin;
 pub mod peer;
 pub mod pki;

@@ -156,7 +156,25 @@ pub enum Request {
     },
     /// How an assignment went on this node (role node).
     ReportInstall(InstallReport),
+    /// Every node the tracker knows, with how much it holds (role operator or deployer).
+    ListNodes,
+    /// Asked of a node, not the seed (role operator or deployer): fetch this package version's
+    /// file for the node's platform into its cache now, ahead of a deployment. Answered at once
+    /// with [`Response::Preheating`]; the download goes on in the background.
+    Preheat {
+        name: String,
+        /// `None` preheats the default version.
+        version: Option<String>,
+    },
+    /// The package versions and files that name these blobs in the catalog (role node or
+    /// operator), so a node can say what its cached blobs are. At most [`MAX_DESCRIBE_BLOBS`].
+    DescribeBlobs {
+        blobs: Vec<BlobId>,
+    },
 }
+
+/// Most blobs one [`Request::DescribeBlobs`] may name.
+pub const MAX_DESCRIBE_BLOBS: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishRequest {
@@ -250,6 +268,50 @@ pub enum Response {
     Deployment(Box<DeploymentInfo>),
     Deployments(Vec<DeploymentInfo>),
     DesiredState(DesiredState),
+    Nodes(Vec<NodeSummary>),
+    Preheating(PreheatReply),
+    BlobNames(Vec<BlobName>),
+}
+
+/// A node as the tracker knows it, for `pkgmesh nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    pub node: String,
+    pub listen: String,
+    pub site: String,
+    pub tags: Vec<(String, String)>,
+    pub last_seen_secs_ago: u64,
+    /// Catalog blobs it announced holding chunks of.
+    pub blobs: u32,
+    /// Of those, the ones it holds whole.
+    pub complete_blobs: u32,
+    pub chunks_held: u64,
+    /// Bytes of those chunks: the node's cache use as far as the catalog's blobs go.
+    pub bytes_held: u64,
+}
+
+/// A node's answer to [`Request::Preheat`]: what it is fetching and how much it holds. Asking
+/// again joins the download in flight, so a caller can poll with the same request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreheatReply {
+    pub node: String,
+    pub name: String,
+    pub version: String,
+    pub file: String,
+    pub blob: BlobId,
+    pub size: u64,
+    pub chunks: u32,
+    /// Chunks verified in the node's cache when it answered.
+    pub chunks_held: u32,
+}
+
+/// One place a blob appears in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobName {
+    pub blob: BlobId,
+    pub name: String,
+    pub version: String,
+    pub file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -555,6 +617,11 @@ mod tests {
                 peer,
                 reason
             }),
+            Just(Request::ListNodes),
+            (text(), proptest::option::of(text()))
+                .prop_map(|(name, version)| Request::Preheat { name, version }),
+            proptest::collection::vec(blob_id(), 0..4)
+                .prop_map(|blobs| Request::DescribeBlobs { blobs }),
         ]
     }
 
@@ -712,6 +779,68 @@ mod tests {
                     )
                     .collect()
             )),
+            proptest::collection::vec(
+                (
+                    (text(), text(), text()),
+                    proptest::collection::vec((text(), text()), 0..3),
+                    (any::<u64>(), any::<u32>(), any::<u32>()),
+                    (any::<u64>(), any::<u64>())
+                ),
+                0..3
+            )
+            .prop_map(|list| Response::Nodes(
+                list.into_iter()
+                    .map(
+                        |(
+                            (node, listen, site),
+                            tags,
+                            (last_seen_secs_ago, blobs, complete_blobs),
+                            (chunks_held, bytes_held),
+                        )| NodeSummary {
+                            node,
+                            listen,
+                            site,
+                            tags,
+                            last_seen_secs_ago,
+                            blobs,
+                            complete_blobs,
+                            chunks_held,
+                            bytes_held
+                        }
+                    )
+                    .collect()
+            )),
+            (
+                (text(), text(), text(), text()),
+                blob_id(),
+                (any::<u64>(), any::<u32>(), any::<u32>())
+            )
+                .prop_map(
+                    |((node, name, version, file), blob, (size, chunks, held))| {
+                        Response::Preheating(PreheatReply {
+                            node,
+                            name,
+                            version,
+                            file,
+                            blob,
+                            size,
+                            chunks,
+                            chunks_held: held,
+                        })
+                    }
+                ),
+            proptest::collection::vec((blob_id(), text(), text(), text()), 0..3).prop_map(|list| {
+                Response::BlobNames(
+                    list.into_iter()
+                        .map(|(blob, name, version, file)| BlobName {
+                            blob,
+                            name,
+                            version,
+                            file,
+                        })
+                        .collect(),
+                )
+            }),
         ]
     }
 

@@ -84,19 +84,29 @@ fn bad_usage_exits_2() {
 }
 
 #[test]
-fn demo_selects_verifies_and_refuses_a_tampered_chunk() {
+fn demo_runs_a_fleet_and_installs_everywhere_with_origin_offload() {
     let output = run_pkgmesh(["demo", "--json"]);
     assert!(output.status.success(), "{output:?}");
     let report = stdout_json(&output);
-    assert_eq!(report["chunks_verified"], report["chunks"]);
-    assert_eq!(report["tampered_chunk_refused"], true);
-    let rows = report["selections"].as_array().unwrap();
-    let file_for = |platform: &str| {
-        rows.iter()
-            .find(|r| r["platform"] == platform)
-            .map(|r| r["file"].clone())
-            .unwrap()
-    };
-    assert_eq!(file_for("windows"), "sample-windows.zip");
-    assert_eq!(file_for("debian"), serde_json::Value::Null);
+    assert_eq!(report["all_installed"], true, "{report:#}");
+    let nodes = report["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 6);
+    for node in nodes {
+        assert_eq!(node["install"], "succeeded", "{node}");
+        assert!(node["message"].as_str().unwrap().contains("installed"), "{node}");
+    }
+    let sites: std::collections::BTreeSet<&str> =
+        nodes.iter().map(|n| n["site"].as_str().unwrap()).collect();
+    assert_eq!(sites.len(), 2);
+    // Each node received the package once; the seed sent less than all of that.
+    let package = report["package_bytes"].as_u64().unwrap();
+    let received = report["nodes_received_bytes"].as_u64().unwrap();
+    assert_eq!(received, 6 * package, "{report:#}");
+    let ratio = report["origin_ratio"].as_f64().unwrap();
+    assert!(ratio < 1.0, "no offload at all: {report:#}");
+    let from_peers: u64 = nodes
+        .iter()
+        .map(|n| n["bytes_from_peers"].as_u64().unwrap())
+        .sum();
+    assert!(from_peers > 0, "{report:#}");
 }

@@ -1,17 +1,18 @@
-//! Commands that ask a running node through its admin socket: `status`, `transfers`.
+//! Commands that ask a running node through its admin socket: `status`, `transfers`,
+//! `peers` and `install-log` (the cache commands are in `cache`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
 use pkgmesh_node::admin::client::AdminClient;
-use pkgmesh_node::admin::NodeStatus;
+use pkgmesh_node::admin::{InstallLog, NodeStatus, PeerEntry};
 use pkgmesh_node::peer::transfers::TransferStatus;
 use pkgmesh_node::peer::NodeSettings;
 use pkgmesh_protocol::units::HumanBytes;
 
 use crate::mesh::runtime;
-use crate::output::{print_json, print_table};
+use crate::output::{print_json, print_table, rfc3339};
 
 /// Which node to ask.
 #[derive(Args, Clone)]
@@ -126,4 +127,130 @@ pub fn run_transfers(args: LocalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_peers(args: LocalArgs) -> anyhow::Result<ExitCode> {
+    let client = args.target.client()?;
+    let peers: Vec<PeerEntry> = runtime()?.block_on(client.get("/v1/peers"))?;
+    if args.json {
+        print_json(&serde_json::json!({ "peers": peers }))?;
+    } else if peers.is_empty() {
+        println!("no peers known yet: the node learns them from the tracker as it fetches");
+    } else {
+        let rows: Vec<Vec<String>> = peers
+            .iter()
+            .map(|p| {
+                let r = &p.record;
+                vec![
+                    r.node.clone(),
+                    p.site.clone().unwrap_or_else(|| "?".into()),
+                    match r.same_site {
+                        Some(true) => "yes".into(),
+                        Some(false) => "no".into(),
+                        None => "?".into(),
+                    },
+                    format!("{} ({})", r.chunks_received, HumanBytes(r.bytes_received)),
+                    format!("{} ({})", r.chunks_sent, HumanBytes(r.bytes_sent)),
+                    r.rate_bytes_per_sec
+                        .map(|rate| format!("{}/s", HumanBytes(rate as u64)))
+                        .unwrap_or_else(|| "-".into()),
+                    format!("{} ({} timeouts)", r.failures, r.timeouts),
+                    match (&r.banned, &r.banned_blob) {
+                        (Some(reason), Some(blob)) => {
+                            format!("{reason} (blob {})", &blob[..blob.len().min(12)])
+                        }
+                        (Some(reason), None) => reason.clone(),
+                        _ => "-".into(),
+                    },
+                    if r.last_exchange == 0 {
+                        "never".into()
+                    } else {
+                        rfc3339(r.last_exchange)
+                    },
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "PEER",
+                "SITE",
+                "SAME SITE",
+                "RECEIVED",
+                "SENT",
+                "RATE",
+                "FAILURES",
+                "BANNED",
+                "LAST EXCHANGE",
+            ],
+            &rows,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct InstallLogArgs {
+    /// Package name.
+    name: String,
+    #[command(flatten)]
+    target: NodeTarget,
+    #[arg(long)]
+    json: bool,
+}
+
+/// The scripts the last install, update or uninstall of a package ran, with their output.
+pub fn run_install_log(args: InstallLogArgs) -> anyhow::Result<ExitCode> {
+    let client = args.target.client()?;
+    let path = format!("/v1/installed/{}/log", url_segment(&args.name));
+    let log: InstallLog = runtime()?.block_on(client.get(&path))?;
+    if args.json {
+        print_json(&log)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let record = &log.record;
+    println!(
+        "{}: {} {}{}",
+        record.name,
+        record.state,
+        record
+            .installed_version
+            .as_deref()
+            .or(record.target_version.as_deref())
+            .unwrap_or("-"),
+        record
+            .message
+            .as_deref()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
+    );
+    if log.actions.is_empty() {
+        println!("its last operation ran no script");
+    }
+    for action in &log.actions {
+        println!(
+            "--- {} {}: {} at {} ---",
+            action.action,
+            action.version,
+            action.status,
+            rfc3339(action.finished_at)
+        );
+        match (&action.log, &action.log_error) {
+            (Some(text), _) if text.is_empty() => println!("(no output)"),
+            (Some(text), _) => print!("{}{}", text, if text.ends_with('\n') { "" } else { "\n" }),
+            (None, Some(error)) => println!("({error})"),
+            (None, None) => println!("(no log was kept)"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A package name as one URL path segment. Package names are `[a-zA-Z0-9_.-]` only, so
+/// anything else is escaped (and the node then says no such package).
+fn url_segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }

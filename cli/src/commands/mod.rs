@@ -2,6 +2,7 @@
 
 pub mod blob;
 pub mod ca;
+pub mod cache;
 pub mod demo;
 pub mod deploy;
 pub mod fetch;

@@ -53,6 +53,10 @@ pub struct NodeArgs {
     /// A certificate revocation list to enforce (PEM), besides the identity's crl.pem.
     #[arg(long, value_name = "FILE")]
     crl: Option<PathBuf>,
+    /// Also serve Prometheus `/metrics` over HTTP on this TCP address, e.g. 127.0.0.1:9401
+    /// (the admin socket always serves it).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// TOML config file; flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -143,6 +147,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     };
     settings.admin_socket = Some(admin_socket);
     settings.follow_deployments = true;
+    settings.metrics_listen = args.metrics_listen.as_deref().map(resolve).transpose()?;
     runtime()?.block_on(async move {
         let running = peer::start(settings).await?;
         if args.json {
@@ -150,6 +155,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
                 "listening": running.local_addr.to_string(),
                 "site": running.state.settings.site,
                 "admin_socket": running.state.settings.admin_socket,
+                "metrics": running.metrics_addr.map(|a| a.to_string()),
             }))?;
         } else {
             println!(

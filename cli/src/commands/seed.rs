@@ -37,6 +37,9 @@ pub struct SeedArgs {
     /// the rest take it from them (repeatable; overrides `[sites.SITE]` in the config).
     #[arg(long = "wan-fetchers", value_name = "SITE=N")]
     wan_fetchers: Vec<String>,
+    /// Serve Prometheus `/metrics` over HTTP on this TCP address, e.g. 127.0.0.1:9400.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// TOML config file; flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -106,12 +109,14 @@ pub fn run(args: SeedArgs) -> anyhow::Result<ExitCode> {
         wan_fetchers.insert(site.to_string(), n);
     }
     settings.wan_fetchers = wan_fetchers.into_iter().collect();
+    settings.metrics_listen = args.metrics_listen.as_deref().map(resolve).transpose()?;
     runtime()?.block_on(async move {
         let running = seed::start(settings).await?;
         if args.json {
             print_json(&serde_json::json!({
                 "listening": running.local_addr.to_string(),
                 "origin": running.state.origin.url(),
+                "metrics": running.metrics_addr.map(|a| a.to_string()),
             }))?;
         } else {
             println!(

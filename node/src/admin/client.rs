@@ -100,6 +100,13 @@ impl AdminClient {
         serde_json::from_slice(&body).with_context(|| format!("the node's answer to {path}"))
     }
 
+    /// `GET path` answered with text, such as `/metrics`.
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let response = self.send(Method::GET, path, None).await?;
+        let body = read_limited(response.into_body(), MAX_JSON).await?;
+        String::from_utf8(body).with_context(|| format!("the node's answer to {path} is not text"))
+    }
+
     /// `POST path` with a JSON body, answered with JSON.
     pub async fn post<B: Serialize, T: DeserializeOwned>(
         &self,

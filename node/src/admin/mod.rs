@@ -2,11 +2,20 @@
 //! node's own machine need no certificate. The socket is created 0600 and every connection's
 //! peer credentials are checked as well: only the node's own user (or root) is served.
 //!
-//! Owns: the routes, their JSON shapes ([`FetchEvent`], [`NodeStatus`]) and the socket's
-//! life. Does not own: what the routes do (the node's [`crate::peer`] functions) or printing
-//! (the CLI, through [`client::AdminClient`]).
+//! Owns: the routes, their JSON shapes ([`FetchEvent`], [`NodeStatus`], [`CacheEntry`],
+//! [`CacheReport`], [`PeerEntry`], [`InstallLog`]), the socket's life, the names of cached
+//! blobs ([`names`]) and preheating (asked over the mesh by operators, [`preheat`]). Does not
+//! own: what the routes do (the node's [`crate::peer`] functions, the cache), the figures
+//! (`crate::metrics`, which also renders `GET /metrics` here) or printing (the CLI, through
+//! [`client::AdminClient`]).
+//!
+//! Routes: `GET /v1/status`, `/v1/transfers`, `/v1/cache`, `/v1/cache/stats`, `/v1/peers`,
+//! `/v1/installed`, `/v1/installed/{name}/log`, `/v1/blobs/{blob}`, `/metrics`; `POST
+//! /v1/fetch`, `/v1/install` (both NDJSON), `/v1/uninstall`, `/v1/cache/verify`,
+//! `/v1/cache/evict`, `/v1/cache/pin`, `/v1/cache/unpin`.
 
 pub mod client;
+pub mod names;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -26,11 +35,14 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
+use crate::metrics::{NodeTotals, PeerRecord};
 use crate::peer::agent::{fetch_and_install, summarize, InstallEvent, InstallOrder};
 use crate::peer::fetch::start_fetch;
+use crate::peer::fetch::FETCH_PIN;
 use crate::peer::package::{node_platform, resolve_package, PackageFile};
 use crate::peer::transfers::{TransferState, TransferStatus};
 use crate::peer::NodeState;
+use names::PackageRef;
 
 /// A fetch's progress stream sends a snapshot at least this often, so a client can tell a
 /// stalled download from a dead node.
@@ -116,6 +128,15 @@ pub async fn serve_admin(
         .route("/v1/install", post(install))
         .route("/v1/uninstall", post(uninstall))
         .route("/v1/installed", get(installed))
+        .route("/v1/installed/{name}/log", get(install_log))
+        .route("/v1/cache", get(cache_list))
+        .route("/v1/cache/stats", get(cache_stats))
+        .route("/v1/cache/verify", post(cache_verify))
+        .route("/v1/cache/evict", post(cache_evict))
+        .route("/v1/cache/pin", post(cache_pin))
+        .route("/v1/cache/unpin", post(cache_unpin))
+        .route("/v1/peers", get(peers))
+        .route("/metrics", get(metrics))
         .with_state(state);
     let listener = OwnerOnly {
         inner: listener,
@@ -265,6 +286,7 @@ async fn run_fetch(
         .blob
         .parse()
         .context("the seed named a bad blob id")?;
+    remember_name(state, &blob, &package);
     let size = package.size;
     if events.send(FetchEvent::Resolved(package)).await.is_err() {
         return Ok(());
@@ -308,7 +330,13 @@ async fn install(State(state): State<Arc<NodeState>>, Json(order): Json<InstallO
     let (events, receiver) = mpsc::unbounded_channel::<InstallEvent>();
     tokio::spawn(async move {
         let sink = events.clone();
+        let names = state.clone();
         let result = fetch_and_install(&state, order, move |event| {
+            if let InstallEvent::Resolved(package) = &event {
+                if let Ok(blob) = package.blob.parse::<BlobId>() {
+                    remember_name(&names, &blob, package);
+                }
+            }
             let _ = sink.send(event);
         })
         .await;
@@ -440,4 +468,545 @@ async fn blob(State(state): State<Arc<NodeState>>, UrlPath(blob): UrlPath<String
         Body::from_stream(body),
     )
         .into_response()
+}
+
+/// Remembers what `blob` is, saving in the background when that is news.
+fn remember_name(state: &NodeState, blob: &BlobId, package: &PackageFile) {
+    let named = PackageRef {
+        name: package.name.clone(),
+        version: package.version.clone(),
+        file: package.file.clone(),
+    };
+    if state.blob_names.remember(blob, named) {
+        state.blob_names.save_later();
+    }
+}
+
+/// Starts fetching a package version for this node's platform and returns at once: what
+/// `pkgmesh preheat` asks of a node over the mesh (`caller` is the operator's certificate name).
+pub async fn preheat(
+    state: &Arc<NodeState>,
+    caller: &str,
+    name: &str,
+    version: Option<String>,
+) -> anyhow::Result<pkgmesh_protocol::wire::PreheatReply> {
+    let platform = node_platform(state)?;
+    let package = resolve_package(state, name, version.as_deref(), &platform).await?;
+    let blob: BlobId = package
+        .blob
+        .parse()
+        .context("the seed named a bad blob id")?;
+    remember_name(state, &blob, &package);
+    let chunks = pkgmesh_protocol::blob::ChunkLayout::for_size(package.size)
+        .context("the seed named a blob size no chunk layout fits")?
+        .chunk_count();
+    let held = |state: &NodeState| {
+        state
+            .cache
+            .bitfield(&blob)
+            .map_or(0, |chunks| chunks.count_ones())
+    };
+    let mut chunks_held = held(state);
+    if chunks_held < chunks {
+        if state.transfers.follow(&blob).is_none() {
+            tracing::info!(
+                caller,
+                package = package.name,
+                version = package.version,
+                %blob,
+                "preheating"
+            );
+        }
+        // The download runs on its own (a caller asking again joins it); its progress shows
+        // in `pkgmesh transfers`.
+        let progress = start_fetch(state.clone(), blob, package.size);
+        chunks_held = chunks_held.max(progress.borrow().chunks_held);
+    }
+    Ok(pkgmesh_protocol::wire::PreheatReply {
+        node: state.settings.identity.name().to_string(),
+        name: package.name,
+        version: package.version,
+        file: package.file,
+        blob,
+        size: package.size,
+        chunks,
+        chunks_held,
+    })
+}
+
+/// An error answer still to be sent: small, so the `Result`s that carry it stay cheap.
+struct Refusal {
+    status: StatusCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        api_error(self.status, self.message)
+    }
+}
+
+/// The error answer for a cache failure: what the operator can do about it.
+fn cache_error(error: pkgmesh_cache::CacheError) -> Refusal {
+    use pkgmesh_cache::CacheError;
+    let status = match &error {
+        CacheError::Unregistered { id } => {
+            return Refusal::new(
+                StatusCode::NOT_FOUND,
+                format!("blob {id} is not in this node's cache (see `pkgmesh cache ls`)"),
+            )
+        }
+        CacheError::Pinned { .. } | CacheError::InUse { .. } => StatusCode::CONFLICT,
+        CacheError::BadPinReason { .. } => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Refusal::new(status, error.to_string())
+}
+
+fn parse_blob(text: &str) -> Result<BlobId, Refusal> {
+    text.parse::<BlobId>().map_err(|_| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("{text:?} is not a blob id (64 hex digits; see `pkgmesh cache ls`)"),
+        )
+    })
+}
+
+/// Runs blocking cache work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, pkgmesh_cache::CacheError> + Send + 'static,
+) -> Result<T, Refusal> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(cache_error(error)),
+        Err(error) => Err(Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            error.to_string(),
+        )),
+    }
+}
+
+/// One blob of `GET /v1/cache`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    pub blob: String,
+    /// The package versions and files this blob is, when known.
+    pub packages: Vec<PackageRef>,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub chunks_held: u32,
+    pub chunks_total: u32,
+    pub bytes_held: u64,
+    pub complete: bool,
+    /// Why it is pinned; empty when it is not.
+    pub pins: Vec<String>,
+    /// Unix seconds of the last put or read of any of its chunks.
+    pub last_access: Option<u64>,
+}
+
+/// How long `cache ls` waits for the seed to name unknown blobs before listing them unnamed.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn cache_list(State(state): State<Arc<NodeState>>) -> Json<Vec<CacheEntry>> {
+    let blobs = state.cache.list();
+    let ids: Vec<BlobId> = blobs.iter().map(|b| b.id).collect();
+    learn_names(&state, &ids).await;
+    if state.blob_names.trim(&ids) {
+        state.blob_names.save_later();
+    }
+    Json(
+        blobs
+            .into_iter()
+            .map(|info| CacheEntry {
+                blob: info.id.to_hex(),
+                packages: state.blob_names.get(&info.id),
+                size: info.size,
+                chunk_size: info.chunk_size,
+                chunks_held: info.chunks_held,
+                chunks_total: info.chunks_total,
+                bytes_held: info.bytes_held,
+                complete: info.complete,
+                pins: info.pins,
+                last_access: info.last_access,
+            })
+            .collect(),
+    )
+}
+
+/// Asks the seed's catalog about blobs this node has no name for (fetched by a deployment,
+/// or before names were kept). Best effort: without the seed they are listed unnamed.
+async fn learn_names(state: &NodeState, ids: &[BlobId]) {
+    use pkgmesh_protocol::wire::{Request, Response, MAX_DESCRIBE_BLOBS};
+    let unknown = state.blob_names.unknown(ids);
+    if unknown.is_empty() {
+        return;
+    }
+    let asked = async {
+        let seed = state.seed().await?;
+        let mut learned = Vec::new();
+        for part in unknown.chunks(MAX_DESCRIBE_BLOBS) {
+            let request = Request::DescribeBlobs {
+                blobs: part.to_vec(),
+            };
+            match seed.call(&request).await? {
+                Response::BlobNames(names) => learned.extend(names),
+                other => anyhow::bail!("the seed answered DescribeBlobs with {other:?}"),
+            }
+        }
+        Ok(learned)
+    };
+    match tokio::time::timeout(DESCRIBE_TIMEOUT, asked).await {
+        Ok(Ok(learned)) => {
+            let mut news = false;
+            for name in learned {
+                news |= state.blob_names.remember(
+                    &name.blob,
+                    PackageRef {
+                        name: name.name,
+                        version: name.version,
+                        file: name.file,
+                    },
+                );
+            }
+            if news {
+                state.blob_names.save_later();
+            }
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(
+                error = format!("{error:#}"),
+                "cached blobs not named by the seed"
+            )
+        }
+        Err(_) => tracing::debug!("the seed did not name cached blobs in time"),
+    }
+}
+
+/// `GET /v1/cache/stats`: the cache's totals and the node's traffic, cumulative since it
+/// started (byte figures over finished transfers; `pkgmesh transfers` shows those running).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheReport {
+    pub used_bytes: u64,
+    pub budget_bytes: u64,
+    pub pinned_bytes: u64,
+    pub blobs: u64,
+    pub complete_blobs: u64,
+    pub chunks: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evicted_chunks: u64,
+    pub evicted_bytes: u64,
+    pub rotted_chunks: u64,
+    /// Same-site and other-site peers together.
+    pub bytes_from_peers: u64,
+    #[serde(flatten)]
+    pub totals: NodeTotals,
+}
+
+async fn cache_stats(State(state): State<Arc<NodeState>>) -> Json<CacheReport> {
+    let stats = state.cache.stats();
+    let totals = NodeTotals::read(&state);
+    Json(CacheReport {
+        used_bytes: stats.used_bytes,
+        budget_bytes: stats.budget_bytes,
+        pinned_bytes: stats.pinned_bytes,
+        blobs: stats.blobs,
+        complete_blobs: stats.complete_blobs,
+        chunks: stats.chunks,
+        hits: stats.hits,
+        misses: stats.misses,
+        evicted_chunks: stats.evicted_chunks,
+        evicted_bytes: stats.evicted_bytes,
+        rotted_chunks: stats.rotted_chunks,
+        bytes_from_peers: totals.bytes_from_same_site_peers + totals.bytes_from_other_site_peers,
+        totals,
+    })
+}
+
+/// `POST /v1/cache/verify`; no blob verifies them all.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyOrder {
+    pub blob: Option<String>,
+}
+
+async fn cache_verify(
+    State(state): State<Arc<NodeState>>,
+    Json(order): Json<VerifyOrder>,
+) -> Response {
+    let ids = match order.blob.as_deref().map(parse_blob).transpose() {
+        Ok(ids) => ids.map(|id| vec![id]),
+        Err(refusal) => return refusal.into_response(),
+    };
+    let cache = state.cache.clone();
+    match blocking(move || cache.verify(ids.as_deref())).await {
+        Ok(report) => {
+            if !report.rotted.is_empty() {
+                // Dropped chunks change what this node can serve.
+                state.holdings_changed.notify_one();
+            }
+            Json(report).into_response()
+        }
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// `POST /v1/cache/evict`, `/v1/cache/pin` and `/v1/cache/unpin`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlobOrder {
+    pub blob: String,
+    /// The pin reason (pin and unpin); [`OPERATOR_PIN`] when left out.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The pin reason of `pkgmesh cache pin` without `--reason`.
+pub const OPERATOR_PIN: &str = "operator";
+
+/// The answer to evict.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evicted {
+    pub blob: String,
+    pub freed_bytes: u64,
+}
+
+/// The answer to pin and unpin: the blob's pins afterwards.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pins {
+    pub blob: String,
+    pub pins: Vec<String>,
+}
+
+async fn cache_evict(
+    State(state): State<Arc<NodeState>>,
+    Json(order): Json<BlobOrder>,
+) -> Response {
+    let blob = match parse_blob(&order.blob) {
+        Ok(blob) => blob,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if state.transfers.follow(&blob).is_some() {
+        return api_error(
+            StatusCode::CONFLICT,
+            format!("blob {blob} is being downloaded: evict it once `pkgmesh transfers` no longer lists it"),
+        );
+    }
+    let cache = state.cache.clone();
+    match blocking(move || cache.evict_blob(&blob)).await {
+        Ok(freed_bytes) => {
+            state.holdings_changed.notify_one();
+            Json(Evicted {
+                blob: blob.to_hex(),
+                freed_bytes,
+            })
+            .into_response()
+        }
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// The reason of a pin or unpin order, refusing the one the downloader owns.
+fn pin_reason(order: &BlobOrder) -> Result<String, Refusal> {
+    let reason = order.reason.clone().unwrap_or_else(|| OPERATOR_PIN.into());
+    if reason == FETCH_PIN {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("the pin {FETCH_PIN:?} belongs to downloads: it goes when the download ends"),
+        ));
+    }
+    Ok(reason)
+}
+
+fn pins_of(state: &NodeState, blob: &BlobId) -> Vec<String> {
+    state
+        .cache
+        .list()
+        .into_iter()
+        .find(|b| b.id == *blob)
+        .map(|b| b.pins)
+        .unwrap_or_default()
+}
+
+async fn cache_pin(State(state): State<Arc<NodeState>>, Json(order): Json<BlobOrder>) -> Response {
+    let (blob, reason) = match (parse_blob(&order.blob), pin_reason(&order)) {
+        (Ok(blob), Ok(reason)) => (blob, reason),
+        (Err(refusal), _) | (_, Err(refusal)) => return refusal.into_response(),
+    };
+    let cache = state.cache.clone();
+    match blocking(move || cache.pin(&blob, &reason)).await {
+        Ok(()) => Json(Pins {
+            blob: blob.to_hex(),
+            pins: pins_of(&state, &blob),
+        })
+        .into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn cache_unpin(
+    State(state): State<Arc<NodeState>>,
+    Json(order): Json<BlobOrder>,
+) -> Response {
+    let (blob, reason) = match (parse_blob(&order.blob), pin_reason(&order)) {
+        (Ok(blob), Ok(reason)) => (blob, reason),
+        (Err(refusal), _) | (_, Err(refusal)) => return refusal.into_response(),
+    };
+    if !state.cache.list().iter().any(|b| b.id == blob) {
+        return cache_error(pkgmesh_cache::CacheError::Unregistered { id: blob }).into_response();
+    }
+    let cache = state.cache.clone();
+    let unpinned = {
+        let reason = reason.clone();
+        blocking(move || cache.unpin(&blob, &reason)).await
+    };
+    match unpinned {
+        Ok(true) => Json(Pins {
+            blob: blob.to_hex(),
+            pins: pins_of(&state, &blob),
+        })
+        .into_response(),
+        Ok(false) => {
+            let pins = pins_of(&state, &blob);
+            let held = if pins.is_empty() {
+                "it has no pins".to_string()
+            } else {
+                format!("its pins: {} (name one with --reason)", pins.join(", "))
+            };
+            api_error(
+                StatusCode::NOT_FOUND,
+                format!("blob {blob} has no pin {reason:?}; {held}"),
+            )
+        }
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// One peer of `GET /v1/peers`: known from the tracker, or met in a transfer, or both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerEntry {
+    /// Its site and address as last heard from the tracker.
+    pub site: Option<String>,
+    pub listen: Option<String>,
+    #[serde(flatten)]
+    pub record: PeerRecord,
+}
+
+async fn peers(State(state): State<Arc<NodeState>>) -> Json<Vec<PeerEntry>> {
+    let known: std::collections::HashMap<String, crate::peer::KnownPeer> =
+        state.known_peers().into_iter().collect();
+    let mut entries: std::collections::BTreeMap<String, PeerEntry> = state
+        .stats
+        .peers()
+        .into_iter()
+        .map(|record| {
+            (
+                record.node.clone(),
+                PeerEntry {
+                    site: None,
+                    listen: None,
+                    record,
+                },
+            )
+        })
+        .collect();
+    for (name, peer) in &known {
+        let entry = entries.entry(name.clone()).or_insert_with(|| PeerEntry {
+            site: None,
+            listen: None,
+            record: PeerRecord {
+                node: name.clone(),
+                ..PeerRecord::default()
+            },
+        });
+        entry.site = Some(peer.site.clone());
+        entry.listen = Some(peer.listen.to_string());
+        if entry.record.same_site.is_none() {
+            entry.record.same_site = Some(peer.site == state.settings.site);
+        }
+    }
+    Json(entries.into_values().collect())
+}
+
+/// `GET /v1/installed/{name}/log`: a package's record and the output of every script its last
+/// operation ran (the end of each log, [`LOG_TAIL_BYTES`] at most).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallLog {
+    pub record: crate::install::InstallRecord,
+    pub actions: Vec<ActionLog>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActionLog {
+    pub action: crate::install::Action,
+    pub version: String,
+    pub status: crate::install::ScriptStatus,
+    pub finished_at: u64,
+    pub log_path: Option<PathBuf>,
+    /// The end of the script's output; `None` when there is no log to read.
+    pub log: Option<String>,
+    /// Why the log could not be read, when it could not.
+    pub log_error: Option<String>,
+}
+
+/// Most bytes of each script log sent.
+pub const LOG_TAIL_BYTES: u64 = 64 * 1024;
+
+async fn install_log(
+    State(state): State<Arc<NodeState>>,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    let installer = match state.installer() {
+        Ok(installer) => installer,
+        Err(e) => return api_error(StatusCode::CONFLICT, format!("{e:#}")),
+    };
+    let read = tokio::task::spawn_blocking(move || -> Result<Option<InstallLog>, String> {
+        let Some(record) = installer.record(&name).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let actions = record
+            .actions
+            .iter()
+            .map(|action| {
+                let (log, log_error) = match &action.log {
+                    Some(path) => match crate::install::read_log_tail(path, LOG_TAIL_BYTES) {
+                        Ok(text) => (Some(text), None),
+                        Err(e) => (None, Some(format!("cannot read {}: {e}", path.display()))),
+                    },
+                    None => (None, None),
+                };
+                ActionLog {
+                    action: action.action,
+                    version: action.version.clone(),
+                    status: action.status.clone(),
+                    finished_at: action.finished_at,
+                    log_path: action.log.clone(),
+                    log,
+                    log_error,
+                }
+            })
+            .collect();
+        Ok(Some(InstallLog { record, actions }))
+    })
+    .await;
+    match read {
+        Ok(Ok(Some(log))) => Json(log).into_response(),
+        Ok(Ok(None)) => api_error(
+            StatusCode::NOT_FOUND,
+            "this node has no install record of that package (see `pkgmesh installed`)",
+        ),
+        Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn metrics(State(state): State<Arc<NodeState>>) -> Response {
+    crate::metrics::metrics_response(crate::metrics::render_node(&state).await)
 }

@@ -199,6 +199,17 @@ async fn fetch_pinned(
         task.abort();
     }
     publish(&scheduler, &driver, TransferState::Done);
+    let bytes = scheduler.bytes();
+    let received = &state.received;
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    received.from_seed.fetch_add(bytes.from_seed, relaxed);
+    received
+        .from_local_peers
+        .fetch_add(bytes.from_local_peers, relaxed);
+    received
+        .from_remote_peers
+        .fetch_add(bytes.from_remote_peers, relaxed);
+    state.stats.record_transfer(&blob, &scheduler);
     Ok(())
 }
 

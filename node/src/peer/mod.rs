@@ -61,6 +61,8 @@ pub struct NodeSettings {
     pub admin_socket: Option<PathBuf>,
     /// Long-poll the seed for deployments and install them (a one-shot fetch does not).
     pub follow_deployments: bool,
+    /// Where to serve Prometheus `/metrics` over TCP as well as on the admin socket.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl NodeSettings {
@@ -83,6 +85,7 @@ impl NodeSettings {
             platform: None,
             admin_socket: None,
             follow_deployments: false,
+            metrics_listen: None,
         }
     }
 
@@ -108,6 +111,15 @@ pub struct ServeCounters {
     pub uploads_refused: std::sync::atomic::AtomicU64,
 }
 
+/// Chunk payload bytes this node received and verified, by source, over all its transfers
+/// (added as each transfer ends).
+#[derive(Debug, Default)]
+pub struct ReceiveCounters {
+    pub from_seed: std::sync::atomic::AtomicU64,
+    pub from_local_peers: std::sync::atomic::AtomicU64,
+    pub from_remote_peers: std::sync::atomic::AtomicU64,
+}
+
 #[derive(Default)]
 struct SeedSlot {
     client: Option<Arc<SeedClient>>,
@@ -128,6 +140,11 @@ pub struct NodeState {
     /// Downloads in flight, with their progress.
     pub transfers: transfers::Transfers,
     pub served: ServeCounters,
+    pub received: ReceiveCounters,
+    /// Per-peer exchanges and chunk totals, for `pkgmesh peers`, `cache stats` and metrics.
+    pub stats: crate::metrics::NodeStats,
+    /// What the cached blobs are (package, version, file), for `pkgmesh cache ls`.
+    pub blob_names: crate::admin::names::BlobNames,
     /// The installer, when this node's platform is known.
     installer: Option<Arc<crate::install::Installer>>,
     known_peers: std::sync::Mutex<HashMap<String, KnownPeer>>,
@@ -263,6 +280,8 @@ pub struct RunningNode {
     pub state: Arc<NodeState>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     _admin_socket: Option<crate::admin::AdminSocket>,
+    /// Where `/metrics` is served over TCP, when it is.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl RunningNode {
@@ -340,6 +359,7 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
     let upload = RateLimiter::new(settings.upload_limit);
     let download = RateLimiter::new(settings.download_limit);
     let max_uploads = settings.max_uploads.max(1);
+    let blob_names = crate::admin::names::BlobNames::open(&settings.data);
     let state = Arc::new(NodeState {
         settings,
         cache,
@@ -350,6 +370,9 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
         uploads: Arc::new(Semaphore::new(max_uploads)),
         transfers: transfers::Transfers::default(),
         served: ServeCounters::default(),
+        received: ReceiveCounters::default(),
+        stats: crate::metrics::NodeStats::default(),
+        blob_names,
         installer,
         known_peers: std::sync::Mutex::new(HashMap::new()),
         seed: tokio::sync::Mutex::new(SeedSlot::default()),
@@ -366,6 +389,15 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
         }
         None => None,
     };
+    let metrics_addr = match state.settings.metrics_listen {
+        Some(addr) => {
+            let source = crate::metrics::MetricsSource::Node(state.clone());
+            let (bound, task) = crate::metrics::serve_metrics(addr, source).await?;
+            tasks.push(task);
+            Some(bound)
+        }
+        None => None,
+    };
     tasks.push(tokio::spawn(transport::serve(endpoint, handler)));
     tasks.push(tokio::spawn(announce_loop(state.clone())));
     if state.settings.follow_deployments {
@@ -377,6 +409,7 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
         state,
         tasks,
         _admin_socket: admin_socket,
+        metrics_addr,
     })
 }
 
@@ -414,7 +447,12 @@ impl RequestHandler for PeerHandler {
         mut send: SendStream,
         _recv: RecvStream,
     ) {
-        if let Err(refusal) = require_role(&ctx, &[Role::Node]) {
+        // Preheat is the one request operators send a node; everything else is node to node.
+        let roles: &[Role] = match request {
+            Request::Preheat { .. } => &[Role::Operator, Role::Deployer, Role::Admin],
+            _ => &[Role::Node],
+        };
+        if let Err(refusal) = require_role(&ctx, roles) {
             reply_error(&mut send, refusal.code, refusal.message).await;
             return;
         }
@@ -487,6 +525,9 @@ impl RequestHandler for PeerHandler {
                                 bytes.len() as u64,
                                 std::sync::atomic::Ordering::Relaxed,
                             );
+                            self.state
+                                .stats
+                                .record_sent(&ctx.peer.name, bytes.len() as u64);
                         }
                     }
                     _ => {
@@ -496,6 +537,18 @@ impl RequestHandler for PeerHandler {
                             format!("chunk {index} of blob {blob} is not held here"),
                         )
                         .await
+                    }
+                }
+            }
+            Request::Preheat { name, version } => {
+                match crate::admin::preheat(&self.state, &ctx.peer.name, &name, version).await {
+                    Ok(reply) => {
+                        let _ =
+                            transport::write_frame(&mut send, &Response::Preheating(reply)).await;
+                        let _ = send.finish();
+                    }
+                    Err(error) => {
+                        reply_error(&mut send, ErrorCode::BadRequest, format!("{error:#}")).await
                     }
                 }
             }

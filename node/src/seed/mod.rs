@@ -41,6 +41,8 @@ pub struct SeedSettings {
     pub admission_window: Duration,
     /// Sites behind a thin WAN link and how many of their nodes fetch each blob across it.
     pub wan_fetchers: Vec<(String, usize)>,
+    /// Where to serve Prometheus `/metrics` over TCP; `None` serves none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl SeedSettings {
@@ -58,6 +60,7 @@ impl SeedSettings {
             max_upload_bytes: Self::DEFAULT_MAX_UPLOAD,
             admission_window: DEFAULT_RECENT_WINDOW,
             wan_fetchers: Vec::new(),
+            metrics_listen: None,
         }
     }
 }
@@ -68,6 +71,9 @@ pub struct RunningSeed {
     endpoint: quinn::Endpoint,
     serving: tokio::task::JoinHandle<()>,
     housekeeping: tokio::task::JoinHandle<()>,
+    /// Where `/metrics` is served, when it is, and the task serving it.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningSeed {
@@ -75,6 +81,9 @@ impl RunningSeed {
     pub async fn shutdown(self) {
         self.endpoint.close(0u32.into(), b"seed shutting down");
         self.housekeeping.abort();
+        if let Some(metrics) = &self.metrics {
+            metrics.abort();
+        }
         let _ = self.serving.await;
         self.endpoint.wait_idle().await;
     }
@@ -127,6 +136,15 @@ pub async fn start(settings: SeedSettings) -> anyhow::Result<RunningSeed> {
             std::num::NonZeroUsize::new(service::BLOB_INDEX_ENTRIES).context("index size")?,
         )),
     });
+    // Bound before the QUIC endpoint, so a taken metrics port fails the start cleanly.
+    let (metrics_addr, metrics) = match settings.metrics_listen {
+        Some(addr) => {
+            let source = crate::metrics::MetricsSource::Seed(state.clone());
+            let (bound, task) = crate::metrics::serve_metrics(addr, source).await?;
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
     let endpoint = transport::make_endpoint(settings.listen, &settings.identity)?;
     let local_addr = endpoint.local_addr()?;
     let handler = Arc::new(service::SeedHandler {
@@ -156,5 +174,7 @@ pub async fn start(settings: SeedSettings) -> anyhow::Result<RunningSeed> {
         endpoint,
         serving,
         housekeeping,
+        metrics_addr,
+        metrics,
     })
 }

@@ -4,7 +4,7 @@
 //! role checks on every request, and audit records for every change and refusal. Does not own:
 //! the transport (it gets decoded requests from [`crate::transport::serve`]) or storage rules.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,12 +13,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use pkgmesh_cache::ChunkStore;
-use pkgmesh_protocol::blob::{BlobHasher, BlobId, ChunkHashes};
+use pkgmesh_protocol::blob::{BlobHasher, BlobId, ChunkHashes, ChunkLayout};
 use pkgmesh_protocol::manifest::parse_manifest;
 use pkgmesh_protocol::names::validate_package_name;
 use pkgmesh_protocol::wire::{
-    AuditRecord, ErrorCode, ErrorReply, ManifestReply, PublishOutcome, PublishRequest, Request,
-    Response, WhereQuery,
+    AuditRecord, BlobName, ErrorCode, ErrorReply, ManifestReply, NodeSummary, PublishOutcome,
+    PublishRequest, Request, Response, WhereQuery, MAX_DESCRIBE_BLOBS,
 };
 use quinn::{RecvStream, SendStream};
 use sha2::{Digest, Sha256};
@@ -49,6 +49,10 @@ const PUBLISHERS: &[Role] = &[Role::Publisher, Role::Admin];
 const OPERATORS: &[Role] = &[Role::Operator, Role::Admin];
 const DEPLOYERS: &[Role] = &[Role::Deployer, Role::Admin];
 const DEPLOYMENT_READERS: &[Role] = &[Role::Deployer, Role::Operator, Role::Admin];
+/// Roles that may list the fleet's nodes: operators, and deployers choosing nodes to preheat.
+const NODE_LISTERS: &[Role] = &[Role::Operator, Role::Deployer, Role::Admin];
+/// Roles that may ask what blobs are: nodes labelling their cache, and operators.
+const BLOB_DESCRIBERS: &[Role] = &[Role::Node, Role::Operator, Role::Admin];
 /// Longest a node's desired-state request is held open (below the client's request timeout).
 const MAX_DESIRED_WAIT: Duration = Duration::from_secs(20);
 
@@ -372,6 +376,16 @@ impl RequestHandler for SeedHandler {
             Request::Hello(_) => Err(error(
                 ErrorCode::BadRequest,
                 "Hello is only valid as the first request of a connection",
+            )),
+            Request::ListNodes => state
+                .checked(&ctx, NODE_LISTERS, "list-nodes", "*")
+                .and_then(|()| state.list_nodes()),
+            Request::DescribeBlobs { blobs } => state
+                .checked(&ctx, BLOB_DESCRIBERS, "describe-blobs", "*")
+                .and_then(|()| state.describe_blobs(&blobs)),
+            Request::Preheat { .. } => Err(error(
+                ErrorCode::BadRequest,
+                "preheat is asked of nodes, not the seed (`pkgmesh preheat` does that)",
             )),
         };
         match answer {
@@ -930,6 +944,100 @@ impl SeedState {
         Ok(Response::Done {
             message: format!("deleted {name} version(s) {}", versions.join(", ")),
         })
+    }
+
+    /// Every catalog blob with its size and the package version files that are it.
+    fn catalog_blobs(&self) -> Result<HashMap<BlobId, (u64, Vec<BlobName>)>, ErrorReply> {
+        let mut blobs: HashMap<BlobId, (u64, Vec<BlobName>)> = HashMap::new();
+        for summary in self.catalog.list().map_err(catalog_error)? {
+            let Some(package) = self.catalog.package(&summary.name).map_err(catalog_error)? else {
+                continue;
+            };
+            for version in &package.versions {
+                for file in version.file_blobs() {
+                    let entry = blobs.entry(file.blob).or_insert((file.size, Vec::new()));
+                    entry.1.push(BlobName {
+                        blob: file.blob,
+                        name: package.name.clone(),
+                        version: version.version.clone(),
+                        file: file.file.clone(),
+                    });
+                }
+            }
+        }
+        Ok(blobs)
+    }
+
+    /// Every node the tracker knows, with its holdings of catalog blobs summed up: the
+    /// tracker keeps bitfields, the catalog the sizes that turn them into bytes.
+    fn list_nodes(&self) -> Answer {
+        let blobs = self.catalog_blobs()?;
+        let tracker = self.tracker();
+        let now = Instant::now();
+        let names: Vec<String> = tracker.nodes().map(|(name, _)| name.clone()).collect();
+        let mut nodes: HashMap<String, NodeSummary> = tracker
+            .nodes()
+            .map(|(name, meta)| {
+                (
+                    name.clone(),
+                    NodeSummary {
+                        node: name.clone(),
+                        listen: meta.listen.clone(),
+                        site: meta.site.clone(),
+                        tags: meta.tags.clone(),
+                        last_seen_secs_ago: now.duration_since(meta.last_seen).as_secs(),
+                        blobs: 0,
+                        complete_blobs: 0,
+                        chunks_held: 0,
+                        bytes_held: 0,
+                    },
+                )
+            })
+            .collect();
+        for (blob, (size, _)) in &blobs {
+            let Ok(layout) = ChunkLayout::for_size(*size) else {
+                continue;
+            };
+            for peer in tracker.peer_info(blob, &names) {
+                let (Some(chunks), Some(summary)) = (peer.chunks, nodes.get_mut(&peer.node)) else {
+                    continue;
+                };
+                let held: Vec<u32> = chunks.iter_ones().collect();
+                if held.is_empty() {
+                    continue;
+                }
+                summary.blobs += 1;
+                summary.complete_blobs += u32::from(held.len() as u32 == layout.chunk_count());
+                summary.chunks_held += held.len() as u64;
+                summary.bytes_held += held
+                    .iter()
+                    .map(|&i| u64::from(layout.chunk_len(i).unwrap_or(0)))
+                    .sum::<u64>();
+            }
+        }
+        let mut list: Vec<NodeSummary> = nodes.into_values().collect();
+        list.sort_by(|a, b| (&a.site, &a.node).cmp(&(&b.site, &b.node)));
+        Ok(Response::Nodes(list))
+    }
+
+    fn describe_blobs(&self, wanted: &[BlobId]) -> Answer {
+        if wanted.len() > MAX_DESCRIBE_BLOBS {
+            return Err(error(
+                ErrorCode::BadRequest,
+                format!(
+                    "{} blobs asked about, the limit is {MAX_DESCRIBE_BLOBS}",
+                    wanted.len()
+                ),
+            ));
+        }
+        let mut blobs = self.catalog_blobs()?;
+        Ok(Response::BlobNames(
+            wanted
+                .iter()
+                .filter_map(|blob| blobs.remove(blob))
+                .flat_map(|(_, names)| names)
+                .collect(),
+        ))
     }
 
     fn where_(&self, query: WhereQuery) -> Answer {
