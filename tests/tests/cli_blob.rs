@@ -93,7 +93,10 @@ fn demo_runs_a_fleet_and_installs_everywhere_with_origin_offload() {
     assert_eq!(nodes.len(), 6);
     for node in nodes {
         assert_eq!(node["install"], "succeeded", "{node}");
-        assert!(node["message"].as_str().unwrap().contains("installed"), "{node}");
+        assert!(
+            node["message"].as_str().unwrap().contains("installed"),
+            "{node}"
+        );
     }
     let sites: std::collections::BTreeSet<&str> =
         nodes.iter().map(|n| n["site"].as_str().unwrap()).collect();

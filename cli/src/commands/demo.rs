@@ -107,7 +107,10 @@ async fn demo(work: &Path, args: &DemoArgs) -> anyhow::Result<DemoReport> {
         1,
         &work.join("id-ops"),
     )?;
-    say(args, format!("fleet CA and identities in {}", work.display()));
+    say(
+        args,
+        format!("fleet CA and identities in {}", work.display()),
+    );
 
     let seed = seed::start(SeedSettings::new(
         "127.0.0.1:0".parse()?,
@@ -223,9 +226,8 @@ async fn demo(work: &Path, args: &DemoArgs) -> anyhow::Result<DemoReport> {
         ),
     );
     let deployment = loop {
-        let Response::Deployment(info) = ops
-            .call(&Request::GetDeployment { id: created.id })
-            .await?
+        let Response::Deployment(info) =
+            ops.call(&Request::GetDeployment { id: created.id }).await?
         else {
             bail!("the seed did not answer the deployment's status");
         };
@@ -262,7 +264,11 @@ async fn demo(work: &Path, args: &DemoArgs) -> anyhow::Result<DemoReport> {
             message: status.map_or(String::new(), |s| s.message.clone()),
         });
     }
-    let seed_payload_bytes = seed.state.counters.chunk_bytes_served.load(Ordering::Relaxed);
+    let seed_payload_bytes = seed
+        .state
+        .counters
+        .chunk_bytes_served
+        .load(Ordering::Relaxed);
     let nodes_received_bytes: u64 = rows
         .iter()
         .map(|r| r.bytes_from_peers + r.bytes_from_seed)
@@ -299,7 +305,14 @@ async fn demo(work: &Path, args: &DemoArgs) -> anyhow::Result<DemoReport> {
             })
             .collect();
         print_table(
-            &["NODE", "SITE", "FROM PEERS", "FROM SEED", "INSTALL", "DETAIL"],
+            &[
+                "NODE",
+                "SITE",
+                "FROM PEERS",
+                "FROM SEED",
+                "INSTALL",
+                "DETAIL",
+            ],
             &table,
         );
         println!();
@@ -363,9 +376,24 @@ fn build_package(dir: &Path) -> anyhow::Result<u64> {
     let windows_install = "Set-Content -Path installed.txt -Value \"installed\"\n";
     let windows_uninstall = "Remove-Item -Force installed.txt\n";
     let zips = [
-        ("pkgmesh-demo-linux-x86_64.zip", "sh", [linux_install, linux_uninstall, linux_validate], 1u64),
-        ("pkgmesh-demo-linux-arm64.zip", "sh", [linux_install, linux_uninstall, linux_validate], 2),
-        ("pkgmesh-demo-windows.zip", "ps1", [windows_install, windows_uninstall, ""], 3),
+        (
+            "pkgmesh-demo-linux-x86_64.zip",
+            "sh",
+            [linux_install, linux_uninstall, linux_validate],
+            1u64,
+        ),
+        (
+            "pkgmesh-demo-linux-arm64.zip",
+            "sh",
+            [linux_install, linux_uninstall, linux_validate],
+            2,
+        ),
+        (
+            "pkgmesh-demo-windows.zip",
+            "ps1",
+            [windows_install, windows_uninstall, ""],
+            3,
+        ),
     ];
     let mut checksums = serde_json::Map::new();
     let mut size = 0;
@@ -399,7 +427,10 @@ fn build_package(dir: &Path) -> anyhow::Result<u64> {
         },
         "files": checksums
     });
-    std::fs::write(dir.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
     Ok(size)
 }
 
