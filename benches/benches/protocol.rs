@@ -1,5 +1,8 @@
 //! Micro-benchmarks of the pure protocol: raw BLAKE3 as the yardstick, blob hashing, chunk
-//! verification, and frame encode/decode.
+//! verification (whole, and streamed in the 64 KiB pieces a node receives), and frame
+//! encode/decode of the messages on the chunk path.
+//!
+//! Run: `cargo bench -p pkgmesh-benches --bench protocol`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pkgmesh_protocol::blob::{BlobHasher, BlobId, ChunkHashes};
@@ -47,6 +50,17 @@ fn hashing(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("verify", chunk_len), |b| {
         b.iter(|| hashes.verify_chunk(3, chunk).unwrap())
     });
+    // The receive path: a chunk verified as it streams in, a piece at a time, so the per-piece
+    // cost shows against the whole-chunk figure above.
+    group.bench_function(BenchmarkId::new("verify_streamed_64KiB", chunk_len), |b| {
+        b.iter(|| {
+            let mut verifier = hashes.chunk_verifier(3).unwrap();
+            for piece in chunk.chunks(64 * 1024) {
+                verifier.update(piece).unwrap();
+            }
+            verifier.finish().unwrap()
+        })
+    });
     group.finish();
 
     let packed = hashes.to_packed();
@@ -71,14 +85,30 @@ fn frames(c: &mut Criterion) {
         blob: BlobId([9; 32]),
         packed: vec![5; 2048 * 32],
     };
+    // The header that precedes every chunk's bytes on its stream.
+    let header = Response::Chunk {
+        blob: BlobId([3; 32]),
+        index: 1234,
+        len: 512 * 1024,
+    };
     let request_frame = encode(&request).unwrap();
     let response_frame = encode(&response).unwrap();
+    let header_frame = encode(&header).unwrap();
     let mut group = c.benchmark_group("frame");
     group.bench_function("encode_get_chunk", |b| b.iter(|| encode(&request).unwrap()));
     group.bench_function("decode_get_chunk", |b| {
         b.iter(|| decode_frame::<Request>(&request_frame).unwrap().unwrap())
     });
+    group.bench_function("encode_chunk_header", |b| {
+        b.iter(|| encode(&header).unwrap())
+    });
+    group.bench_function("decode_chunk_header", |b| {
+        b.iter(|| decode_frame::<Response>(&header_frame).unwrap().unwrap())
+    });
     group.throughput(Throughput::Bytes(response_frame.len() as u64));
+    group.bench_function("encode_chunk_hashes_2048", |b| {
+        b.iter(|| encode(&response).unwrap())
+    });
     group.bench_function("decode_chunk_hashes_2048", |b| {
         b.iter(|| decode_frame::<Response>(&response_frame).unwrap().unwrap())
     });

@@ -2,3 +2,6 @@
 //! criterion micro-benchmarks.
 //!
 //! Owns: measuring. Does not own: any behaviour of the product itself.
+
+pub mod procs;
+pub mod sim;

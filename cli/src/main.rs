@@ -78,6 +78,9 @@ enum Command {
     Where(commands::fleet::WhereArgs),
     /// Read the seed's audit log (role admin).
     Audit(commands::fleet::AuditArgs),
+    /// Read a node's audit log: changes made through its admin socket or by operators over
+    /// the mesh (asks the node).
+    NodeAudit(commands::local::NodeAuditArgs),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Command::Package(command) => commands::package::run(command),
         Command::Where(args) => commands::fleet::run_where(args),
         Command::Audit(args) => commands::fleet::run_audit(args),
+        Command::NodeAudit(args) => commands::local::run_node_audit(args),
         Command::Ca(command) => commands::ca::run(command),
     };
     match result {

@@ -47,8 +47,23 @@ pub fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
 
 /// A multi-threaded runtime for commands that do network I/O.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    limit_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// glibc gives each thread that meets contention its own malloc arena (up to 8 per core), and
+/// an arena keeps what it once held. The runtime's blocking threads come and go, so a node
+/// downloading 1 GiB ended with about 5 MiB more resident than with one arena (13 vs 8 MiB of
+/// anonymous memory), which is a sixth of the node's memory target. Two arenas keep the
+/// allocator off the contended path on small machines at a fraction of that.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before the runtime's
+    // threads exist and has no memory-safety preconditions.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }

@@ -50,6 +50,8 @@ pub struct SeedFile {
     pub admission_window_secs: Option<u64>,
     /// Most concurrent requests to the origin store.
     pub origin_concurrency: Option<usize>,
+    /// Cap on chunk bytes the seed sends per second, e.g. `200Mbit`; unset or 0: none.
+    pub upload_limit: Option<String>,
     /// Per-site settings, e.g. `[sites.store-042] wan_fetchers = 2`.
     #[serde(default)]
     pub sites: std::collections::BTreeMap<String, SiteFile>,
@@ -196,6 +198,13 @@ mod tests {
             rate_setting("upload limit", None, node.upload_limit.as_deref()).unwrap(),
             25_000_000
         );
+        let capped: SeedFile = parse("upload_limit = \"32Mbit\"").unwrap();
+        assert_eq!(
+            rate_setting("upload limit", None, capped.upload_limit.as_deref()).unwrap(),
+            4_000_000
+        );
+        let error = rate_setting("upload limit", Some("fast"), None).unwrap_err();
+        assert!(error.contains("upload limit"), "{error}");
         let sites: SeedFile = parse("[sites.edge]\nwan_fetchers = 2").unwrap();
         assert_eq!(sites.sites["edge"].wan_fetchers, Some(2));
         assert!(parse::<SeedFile>("[sites.edge]\nfetchers = 2").is_err());

@@ -400,6 +400,9 @@ pub enum ErrorCode {
     Unavailable,
     VersionMismatch,
     Internal,
+    /// The server is at its limit of uploads in progress: the request may be retried later,
+    /// and says nothing about whether the server holds or can get what was asked.
+    Busy,
 }
 
 fn config() -> impl bincode::config::Config {
@@ -512,6 +515,7 @@ mod tests {
             Just(ErrorCode::Unavailable),
             Just(ErrorCode::VersionMismatch),
             Just(ErrorCode::Internal),
+            Just(ErrorCode::Busy),
         ]
     }
 

@@ -91,7 +91,7 @@ pub fn run_where(args: WhereArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn parse_since(text: &str) -> anyhow::Result<u64> {
+pub fn parse_since(text: &str) -> anyhow::Result<u64> {
     if let Ok(secs) = text.parse::<u64>() {
         return Ok(secs);
     }
@@ -119,26 +119,31 @@ pub fn run_audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         if args.json {
             print_json(&serde_json::json!({ "records": records }))?;
         } else {
-            let rows: Vec<Vec<String>> = records
-                .iter()
-                .map(|r| {
-                    vec![
-                        crate::output::rfc3339(r.time),
-                        r.caller.clone(),
-                        r.roles.join(","),
-                        r.action.clone(),
-                        r.target.clone(),
-                        r.outcome.clone(),
-                    ]
-                })
-                .collect();
-            print_table(
-                &["TIME", "CALLER", "ROLES", "ACTION", "TARGET", "OUTCOME"],
-                &rows,
-            );
+            print_audit_table(&records);
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Audit records as a table, for the seed's log and a node's.
+pub fn print_audit_table(records: &[pkgmesh_protocol::wire::AuditRecord]) {
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| {
+            vec![
+                crate::output::rfc3339(r.time),
+                r.caller.clone(),
+                r.roles.join(","),
+                r.action.clone(),
+                r.target.clone(),
+                r.outcome.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["TIME", "CALLER", "ROLES", "ACTION", "TARGET", "OUTCOME"],
+        &rows,
+    );
 }
 
 #[derive(Args)]

@@ -254,3 +254,38 @@ fn url_segment(text: &str) -> String {
         })
         .collect()
 }
+
+#[derive(Args)]
+pub struct NodeAuditArgs {
+    #[command(flatten)]
+    target: NodeTarget,
+    /// Only records at or after this time: unix seconds or RFC 3339 (2026-11-26T10:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Most records to print.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_node_audit(args: NodeAuditArgs) -> anyhow::Result<ExitCode> {
+    let since = args
+        .since
+        .as_deref()
+        .map(super::fleet::parse_since)
+        .transpose()?;
+    let client = args.target.client()?;
+    let mut path = format!("/v1/audit?limit={}", args.limit);
+    if let Some(since) = since {
+        path.push_str(&format!("&since={since}"));
+    }
+    let records: Vec<pkgmesh_protocol::wire::AuditRecord> =
+        runtime()?.block_on(client.get(&path))?;
+    if args.json {
+        print_json(&serde_json::json!({ "records": records }))?;
+    } else {
+        super::fleet::print_audit_table(&records);
+    }
+    Ok(ExitCode::SUCCESS)
+}

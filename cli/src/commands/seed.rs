@@ -37,6 +37,9 @@ pub struct SeedArgs {
     /// the rest take it from them (repeatable; overrides `[sites.SITE]` in the config).
     #[arg(long = "wan-fetchers", value_name = "SITE=N")]
     wan_fetchers: Vec<String>,
+    /// Cap on chunk bytes sent to nodes per second, e.g. 200Mbit or 25MiB (0: none).
+    #[arg(long, value_name = "RATE")]
+    upload_limit: Option<String>,
     /// Serve Prometheus `/metrics` over HTTP on this TCP address, e.g. 127.0.0.1:9400.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
@@ -86,6 +89,12 @@ pub fn run(args: SeedArgs) -> anyhow::Result<ExitCode> {
         None,
         file.max_upload.as_deref(),
         SeedSettings::DEFAULT_MAX_UPLOAD,
+    )
+    .map_err(anyhow::Error::msg)?;
+    settings.upload_limit = config::rate_setting(
+        "upload limit",
+        args.upload_limit.as_deref(),
+        file.upload_limit.as_deref(),
     )
     .map_err(anyhow::Error::msg)?;
     if let Some(secs) = file.admission_window_secs {

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -136,6 +136,7 @@ pub async fn serve_admin(
         .route("/v1/cache/pin", post(cache_pin))
         .route("/v1/cache/unpin", post(cache_unpin))
         .route("/v1/peers", get(peers))
+        .route("/v1/audit", get(audit_records))
         .route("/metrics", get(metrics))
         .with_state(state);
     let listener = OwnerOnly {
@@ -143,7 +144,8 @@ pub async fn serve_admin(
         owner,
     };
     let task = tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, router).await {
+        let service = router.into_make_service_with_connect_info::<AdminCaller>();
+        if let Err(error) = axum::serve(listener, service).await {
             tracing::warn!(%error, "the admin API stopped");
         }
     });
@@ -188,16 +190,111 @@ struct OwnerOnly {
     owner: u32,
 }
 
+/// Who is on the other end of an admin connection, from SO_PEERCRED: the name audit records
+/// give the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminCaller {
+    pub uid: u32,
+}
+
+impl AdminCaller {
+    fn audit(self, state: &NodeState, action: &str, target: &str, outcome: &str) {
+        audit(
+            state,
+            &format!("uid {}", self.uid),
+            &["local".to_string()],
+            action,
+            target,
+            outcome,
+        );
+    }
+
+    /// Audits a change whose answer is `response`, before the caller sees it.
+    fn audited(
+        self,
+        state: &NodeState,
+        action: &str,
+        target: &str,
+        response: Response,
+    ) -> Response {
+        let status = response.status();
+        let outcome = if status.is_success() {
+            "ok".to_string()
+        } else {
+            format!("failed: {status}")
+        };
+        self.audit(state, action, target, &outcome);
+        response
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, OwnerOnly>>
+    for AdminCaller
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, OwnerOnly>) -> Self {
+        *stream.remote_addr()
+    }
+}
+
+/// `GET /v1/audit?since=UNIX&limit=N`: the node's audit records, oldest first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AuditQuery {
+    pub since: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+/// Most records one `GET /v1/audit` returns.
+pub const MAX_AUDIT_RECORDS: usize = 10_000;
+
+async fn audit_records(
+    State(state): State<Arc<NodeState>>,
+    axum::extract::Query(query): axum::extract::Query<AuditQuery>,
+) -> Response {
+    let limit = query.limit.unwrap_or(1000).min(MAX_AUDIT_RECORDS);
+    let read = tokio::task::spawn_blocking(move || state.audit.read(query.since, limit)).await;
+    match read {
+        Ok(Ok(records)) => Json(records).into_response(),
+        Ok(Err(e)) => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the audit log: {e}"),
+        ),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Appends a record to the node's audit log. A record that cannot be written is logged by the
+/// log itself; the change has happened and the caller is told as usual.
+pub fn audit(
+    state: &NodeState,
+    caller: &str,
+    roles: &[String],
+    action: &str,
+    target: &str,
+    outcome: &str,
+) {
+    let record = pkgmesh_protocol::wire::AuditRecord {
+        time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        caller: caller.to_string(),
+        roles: roles.to_vec(),
+        action: action.to_string(),
+        target: target.to_string(),
+        outcome: outcome.to_string(),
+    };
+    let _ = state.audit.append(&record);
+}
+
 impl axum::serve::Listener for OwnerOnly {
     type Io = UnixStream;
-    type Addr = tokio::net::unix::SocketAddr;
+    type Addr = AdminCaller;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.inner.accept().await {
-                Ok((stream, addr)) => match stream.peer_cred() {
+                Ok((stream, _)) => match stream.peer_cred() {
                     Ok(cred) if cred.uid() == self.owner || cred.uid() == 0 => {
-                        return (stream, addr)
+                        return (stream, AdminCaller { uid: cred.uid() })
                     }
                     Ok(cred) => {
                         tracing::warn!(
@@ -219,7 +316,7 @@ impl axum::serve::Listener for OwnerOnly {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
+        Ok(AdminCaller { uid: self.owner })
     }
 }
 
@@ -242,10 +339,21 @@ async fn transfers(State(state): State<Arc<NodeState>>) -> Json<Vec<TransferStat
     Json(state.transfers.snapshot())
 }
 
-async fn fetch(State(state): State<Arc<NodeState>>, Json(request): Json<FetchRequest>) -> Response {
+async fn fetch(
+    ConnectInfo(caller): ConnectInfo<AdminCaller>,
+    State(state): State<Arc<NodeState>>,
+    Json(request): Json<FetchRequest>,
+) -> Response {
     let (events, receiver) = mpsc::channel::<FetchEvent>(8);
     tokio::spawn(async move {
-        if let Err(error) = run_fetch(&state, request, &events).await {
+        let target = package_target(&request.name, request.version.as_deref());
+        let result = run_fetch(&state, request, &events).await;
+        let outcome = match &result {
+            Ok(()) => "ok".to_string(),
+            Err(error) => format!("failed: {error:#}"),
+        };
+        caller.audit(&state, "fetch", &target, &outcome);
+        if let Err(error) = result {
             let _ = events
                 .send(FetchEvent::Failed {
                     message: format!("{error:#}"),
@@ -267,6 +375,14 @@ async fn fetch(State(state): State<Arc<NodeState>>, Json(request): Json<FetchReq
         Body::from_stream(lines),
     )
         .into_response()
+}
+
+/// `NAME` or `NAME@VERSION`, as audit records name a package.
+fn package_target(name: &str, version: Option<&str>) -> String {
+    match version {
+        Some(version) => format!("{name}@{version}"),
+        None => name.to_string(),
+    }
 }
 
 /// Resolves and fetches, sending events until the end. The download itself goes on if the
@@ -326,9 +442,14 @@ async fn run_fetch(
 }
 
 /// `POST /v1/install`: newline-delimited [`InstallEvent`]s, the last `done` or `failed`.
-async fn install(State(state): State<Arc<NodeState>>, Json(order): Json<InstallOrder>) -> Response {
+async fn install(
+    ConnectInfo(caller): ConnectInfo<AdminCaller>,
+    State(state): State<Arc<NodeState>>,
+    Json(order): Json<InstallOrder>,
+) -> Response {
     let (events, receiver) = mpsc::unbounded_channel::<InstallEvent>();
     tokio::spawn(async move {
+        let target = package_target(&order.name, order.version.as_deref());
         let sink = events.clone();
         let names = state.clone();
         let result = fetch_and_install(&state, order, move |event| {
@@ -346,6 +467,11 @@ async fn install(State(state): State<Arc<NodeState>>, Json(order): Json<InstallO
                 message: format!("{error:#}"),
             },
         };
+        let outcome = match &last {
+            InstallEvent::Failed { message } => format!("failed: {message}"),
+            _ => "ok".to_string(),
+        };
+        caller.audit(&state, "install", &target, &outcome);
         let _ = events.send(last);
     });
     ndjson(receiver)
@@ -358,9 +484,16 @@ pub struct UninstallOrder {
 }
 
 async fn uninstall(
+    ConnectInfo(caller): ConnectInfo<AdminCaller>,
     State(state): State<Arc<NodeState>>,
     Json(order): Json<UninstallOrder>,
 ) -> Response {
+    let target = order.name.clone();
+    let response = uninstall_package(&state, order).await;
+    caller.audited(&state, "uninstall", &target, response)
+}
+
+async fn uninstall_package(state: &NodeState, order: UninstallOrder) -> Response {
     let installer = match state.installer() {
         Ok(installer) => installer,
         Err(e) => return api_error(StatusCode::CONFLICT, format!("{e:#}")),
@@ -519,8 +652,18 @@ pub async fn preheat(
         }
         // The download runs on its own (a caller asking again joins it); its progress shows
         // in `pkgmesh transfers`.
-        let progress = start_fetch(state.clone(), blob, package.size);
+        let mut progress = start_fetch(state.clone(), blob, package.size);
         chunks_held = chunks_held.max(progress.borrow().chunks_held);
+        let state = state.clone();
+        tokio::spawn(async move {
+            // Dropped with the transfer's end, so this wait ends too.
+            while progress.changed().await.is_ok() {}
+            if progress.borrow().state == TransferState::Done {
+                pin_preheated(&state, blob).await;
+            }
+        });
+    } else {
+        pin_preheated(state, blob).await;
     }
     Ok(pkgmesh_protocol::wire::PreheatReply {
         node: state.settings.identity.name().to_string(),
@@ -532,6 +675,19 @@ pub async fn preheat(
         chunks,
         chunks_held,
     })
+}
+
+/// The pin reason of a preheated blob: it stays until the package is installed (or an
+/// operator unpins it), so a preheat is not evicted before the deployment that needs it.
+pub const PREHEAT_PIN: &str = "preheat";
+
+async fn pin_preheated(state: &Arc<NodeState>, blob: BlobId) {
+    let cache = state.cache.clone();
+    match tokio::task::spawn_blocking(move || cache.pin(&blob, PREHEAT_PIN)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%blob, %error, "cannot pin a preheated blob"),
+        Err(error) => tracing::warn!(%blob, %error, "cannot pin a preheated blob"),
+    }
 }
 
 /// An error answer still to be sent: small, so the `Result`s that carry it stay cheap.
@@ -739,9 +895,16 @@ pub struct VerifyOrder {
 }
 
 async fn cache_verify(
+    ConnectInfo(caller): ConnectInfo<AdminCaller>,
     State(state): State<Arc<NodeState>>,
     Json(order): Json<VerifyOrder>,
 ) -> Response {
+    let target = order.blob.clone().unwrap_or_else(|| "*".into());
+    let response = verify_cache(&state, order).await;
+    caller.audited(&state, "cache-verify", &target, response)
+}
+
+async fn verify_cache(state: &NodeState, order: VerifyOrder) -> Response {
     let ids = match order.blob.as_deref().map(parse_blob).transpose() {
         Ok(ids) => ids.map(|id| vec![id]),
         Err(refusal) => return refusal.into_response(),
@@ -786,9 +949,16 @@ pub struct Pins {
 }
 
 async fn cache_evict(
+    ConnectInfo(caller): ConnectInfo<AdminCaller>,
     State(state): State<Arc<NodeState>>,
     Json(order): Json<BlobOrder>,
 ) -> Response {
+    let target = order.blob.clone();
+    let response = evict_blob(&state, order).await;
+    caller.audited(&state, "cache-evict", &target, response)
+}
+
+async fn evict_blob(state: &NodeState, order: BlobOrder) -> Response {
     let blob = match parse_blob(&order.blob) {
         Ok(blob) => blob,
         Err(refusal) => return refusal.into_response(),
@@ -835,7 +1005,23 @@ fn pins_of(state: &NodeState, blob: &BlobId) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn cache_pin(State(state): State<Arc<NodeState>>, Json(order): Json<BlobOrder>) -> Response {
+async fn cache_pin(
+    ConnectInfo(caller): ConnectInfo<AdminCaller>,
+    State(state): State<Arc<NodeState>>,
+    Json(order): Json<BlobOrder>,
+) -> Response {
+    let target = pin_target(&order);
+    let response = pin_blob(&state, order).await;
+    caller.audited(&state, "cache-pin", &target, response)
+}
+
+/// `BLOB (reason)`, as audit records name a pin.
+fn pin_target(order: &BlobOrder) -> String {
+    let reason = order.reason.as_deref().unwrap_or(OPERATOR_PIN);
+    format!("{} ({reason})", order.blob)
+}
+
+async fn pin_blob(state: &NodeState, order: BlobOrder) -> Response {
     let (blob, reason) = match (parse_blob(&order.blob), pin_reason(&order)) {
         (Ok(blob), Ok(reason)) => (blob, reason),
         (Err(refusal), _) | (_, Err(refusal)) => return refusal.into_response(),
@@ -844,7 +1030,7 @@ async fn cache_pin(State(state): State<Arc<NodeState>>, Json(order): Json<BlobOr
     match blocking(move || cache.pin(&blob, &reason)).await {
         Ok(()) => Json(Pins {
             blob: blob.to_hex(),
-            pins: pins_of(&state, &blob),
+            pins: pins_of(state, &blob),
         })
         .into_response(),
         Err(refusal) => refusal.into_response(),
@@ -852,9 +1038,16 @@ async fn cache_pin(State(state): State<Arc<NodeState>>, Json(order): Json<BlobOr
 }
 
 async fn cache_unpin(
+    ConnectInfo(caller): ConnectInfo<AdminCaller>,
     State(state): State<Arc<NodeState>>,
     Json(order): Json<BlobOrder>,
 ) -> Response {
+    let target = pin_target(&order);
+    let response = unpin_blob(&state, order).await;
+    caller.audited(&state, "cache-unpin", &target, response)
+}
+
+async fn unpin_blob(state: &NodeState, order: BlobOrder) -> Response {
     let (blob, reason) = match (parse_blob(&order.blob), pin_reason(&order)) {
         (Ok(blob), Ok(reason)) => (blob, reason),
         (Err(refusal), _) | (_, Err(refusal)) => return refusal.into_response(),
@@ -870,11 +1063,11 @@ async fn cache_unpin(
     match unpinned {
         Ok(true) => Json(Pins {
             blob: blob.to_hex(),
-            pins: pins_of(&state, &blob),
+            pins: pins_of(state, &blob),
         })
         .into_response(),
         Ok(false) => {
-            let pins = pins_of(&state, &blob);
+            let pins = pins_of(state, &blob);
             let held = if pins.is_empty() {
                 "it has no pins".to_string()
             } else {

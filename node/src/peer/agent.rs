@@ -171,6 +171,7 @@ pub async fn fetch_and_install(
     let package = resolve_package(state, &order.name, order.version.as_deref(), &platform).await?;
     on_event(InstallEvent::Resolved(package.clone()));
     let expected = package.file_blob()?;
+    let blob = expected.blob;
     let mut progress = start_fetch(state.clone(), expected.blob, expected.size);
     let report = loop {
         let status = progress.borrow_and_update().clone();
@@ -233,7 +234,12 @@ pub async fn fetch_and_install(
         on_event(InstallEvent::Step { message });
     }
     let _ = tokio::fs::remove_file(&zip).await;
-    Ok(summarize(&installer, &outcome?))
+    let outcome = outcome?;
+    // A preheat pin kept the package for this install; it has done its job.
+    let cache = state.cache.clone();
+    let _ =
+        tokio::task::spawn_blocking(move || cache.unpin(&blob, crate::admin::PREHEAT_PIN)).await;
+    Ok(summarize(&installer, &outcome))
 }
 
 /// Long-polls the seed for this node's assignments and carries them out, one task per

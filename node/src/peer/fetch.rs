@@ -30,6 +30,11 @@ const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CHUNK_DEADLINE: Duration = Duration::from_secs(60);
 /// Peers asked for in one `GetPeers`.
 const PEERS_PER_ASK: u32 = 32;
+/// Times the seed may answer "unavailable" (its origin failing) for one chunk before the fetch
+/// gives up. The seed serves a chunk only when no reachable peer holds it, so once its origin
+/// cannot give it either, waiting longer only hangs the caller; the seed's error backoff
+/// (1 s, doubling) spreads these over about 15 s, so a short origin outage is still ridden out.
+const SEED_UNAVAILABLE_ATTEMPTS: u32 = 4;
 
 /// A fetch's final status: where its bytes came from.
 pub type FetchReport = TransferStatus;
@@ -131,6 +136,7 @@ async fn fetch_pinned(
         events: events_tx,
         fatal: fatal_tx,
         banned: Vec::new(),
+        seed_unavailable: Arc::new(std::sync::Mutex::new(HashMap::new())),
     };
     let publish = |scheduler: &Scheduler, driver: &Driver, state: TransferState| {
         let bytes = scheduler.bytes();
@@ -191,7 +197,7 @@ async fn fetch_pinned(
                 for (_, task) in driver.running.drain() {
                     task.abort();
                 }
-                bail!("cannot store blob {blob} on this node: {message}");
+                bail!("{message}");
             }
         }
     }
@@ -339,9 +345,12 @@ struct Driver {
     addresses: AddressBook,
     running: HashMap<(Source, u32), tokio::task::JoinHandle<()>>,
     events: mpsc::UnboundedSender<Event>,
-    /// A failure of this node itself (its disk, its cache) that ends the fetch.
+    /// A failure that ends the fetch, as the caller will read it: this node's own (its disk,
+    /// its cache), or a chunk nobody can provide.
     fatal: mpsc::UnboundedSender<String>,
     banned: Vec<String>,
+    /// Per chunk, how often the seed answered that it cannot provide it.
+    seed_unavailable: Arc<std::sync::Mutex<HashMap<u32, u32>>>,
 }
 
 impl Driver {
@@ -424,6 +433,7 @@ impl Driver {
         let events = self.events.clone();
         let addresses = self.addresses.clone();
         let fatal = self.fatal.clone();
+        let seed_unavailable = self.seed_unavailable.clone();
         let key = (from.clone(), index);
         let task = tokio::spawn(async move {
             let started = Instant::now();
@@ -466,8 +476,34 @@ impl Driver {
                     }
                 }
                 Ok(ChunkOutcome::Local(message)) | Err(ChunkOutcome::Local(message)) => {
-                    let _ = fatal.send(message);
+                    let blob = hashes.id();
+                    let _ = fatal.send(format!("cannot store blob {blob} on this node: {message}"));
                     return;
+                }
+                Ok(ChunkOutcome::SeedUnavailable(message))
+                | Err(ChunkOutcome::SeedUnavailable(message)) => {
+                    let attempts = {
+                        let mut counts = seed_unavailable
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let count = counts.entry(index).or_insert(0);
+                        *count += 1;
+                        *count
+                    };
+                    if attempts >= SEED_UNAVAILABLE_ATTEMPTS {
+                        let blob = hashes.id();
+                        let _ = fatal.send(format!(
+                            "chunk {index} of blob {blob} is held by no reachable peer and the \
+                             seed cannot provide it ({attempts} tries): {message}"
+                        ));
+                        return;
+                    }
+                    tracing::info!(index, attempts, %message, "the seed cannot provide a chunk");
+                    Event::ChunkFailed {
+                        peer: from,
+                        index,
+                        reason: FailReason::Refused,
+                    }
                 }
                 Err(ChunkOutcome::Verified(_)) | Err(ChunkOutcome::Redirected(_)) => {
                     Event::ChunkFailed {
@@ -522,6 +558,8 @@ enum ChunkOutcome {
     /// This node cannot store chunks (disk full, cache full of pinned data): no source can fix
     /// that, so the fetch stops with this message.
     Local(String),
+    /// The seed cannot provide the chunk now (its origin failing), with the seed's reason.
+    SeedUnavailable(String),
 }
 
 /// A failure of the cache while storing: the source's fault only if the bytes were wrong.
@@ -632,23 +670,36 @@ async fn fetch_chunk(
             let mut buffer = vec![0u8; STREAM_BUFFER];
             let mut remaining = len as usize;
             while remaining > 0 {
+                // Fill the whole buffer before handing it to the writer: a read returns what
+                // has arrived (about 20 KiB at loopback speed), and each write is a
+                // block_in_place, a syscall and a verifier update, whose fixed cost per call
+                // dominated the node's CPU at a few times more calls.
                 let want = remaining.min(buffer.len());
-                let n = recv
-                    .read(&mut buffer[..want])
-                    .await
-                    .map_err(|_| fail(FailReason::ConnectionLost))?
-                    .ok_or(fail(FailReason::WrongLength))?;
-                if let Some(limit) = &state.download {
-                    limit.acquire(n as u64).await;
+                let mut filled = 0;
+                while filled < want {
+                    let n = recv
+                        .read(&mut buffer[filled..want])
+                        .await
+                        .map_err(|_| fail(FailReason::ConnectionLost))?
+                        .ok_or(fail(FailReason::WrongLength))?;
+                    if let Some(limit) = &state.download {
+                        limit.acquire(n as u64).await;
+                    }
+                    filled += n;
                 }
-                tokio::task::block_in_place(|| writer.write(&buffer[..n]))
+                tokio::task::block_in_place(|| writer.write(&buffer[..filled]))
                     .map_err(stored_failure)?;
-                remaining -= n;
+                remaining -= filled;
             }
             tokio::task::block_in_place(|| writer.commit()).map_err(stored_failure)?;
             Ok(ChunkOutcome::Verified(len as u64))
         }
         Response::TryPeers { peers, .. } => Ok(ChunkOutcome::Redirected(peers)),
+        Response::Error(reply)
+            if matches!(from, Source::Seed) && reply.code == ErrorCode::Unavailable =>
+        {
+            Err(ChunkOutcome::SeedUnavailable(reply.message))
+        }
         Response::Error(reply) => Err(fail(match reply.code {
             ErrorCode::NotFound => FailReason::NotHeld,
             _ => FailReason::Refused,

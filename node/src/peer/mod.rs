@@ -147,6 +147,9 @@ pub struct NodeState {
     pub blob_names: crate::admin::names::BlobNames,
     /// The installer, when this node's platform is known.
     installer: Option<Arc<crate::install::Installer>>,
+    /// `<data>/audit.log`: every change made through the admin API or by an operator's
+    /// request over the mesh (fetch, install, uninstall, evict, pin, unpin, verify, preheat).
+    pub audit: crate::seed::audit::AuditLog,
     known_peers: std::sync::Mutex<HashMap<String, KnownPeer>>,
     seed: tokio::sync::Mutex<SeedSlot>,
 }
@@ -169,6 +172,9 @@ impl NodeState {
                 );
             }
         }
+        // A seed dialled again may have restarted with an empty tracker: announce at once
+        // rather than at the next refresh, or peers cannot find this node for up to 20 s.
+        let reconnecting = slot.client.is_some() || slot.failed_at.is_some();
         match SeedClient::connect_on(self.endpoint.clone(), self.settings.seed).await {
             Ok(client) => {
                 let client = Arc::new(client);
@@ -176,6 +182,9 @@ impl NodeState {
                     client: Some(client.clone()),
                     failed_at: None,
                 };
+                if reconnecting {
+                    self.holdings_changed.notify_one();
+                }
                 Ok(client)
             }
             Err(error) => {
@@ -360,6 +369,9 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
     let download = RateLimiter::new(settings.download_limit);
     let max_uploads = settings.max_uploads.max(1);
     let blob_names = crate::admin::names::BlobNames::open(&settings.data);
+    let audit_path = settings.data.join("audit.log");
+    let audit = crate::seed::audit::AuditLog::open(&audit_path)
+        .with_context(|| format!("cannot open {}", audit_path.display()))?;
     let state = Arc::new(NodeState {
         settings,
         cache,
@@ -374,6 +386,7 @@ pub async fn start(settings: NodeSettings) -> anyhow::Result<RunningNode> {
         stats: crate::metrics::NodeStats::default(),
         blob_names,
         installer,
+        audit,
         known_peers: std::sync::Mutex::new(HashMap::new()),
         seed: tokio::sync::Mutex::new(SeedSlot::default()),
     });
@@ -453,6 +466,20 @@ impl RequestHandler for PeerHandler {
             _ => &[Role::Node],
         };
         if let Err(refusal) = require_role(&ctx, roles) {
+            // Operators' requests are changes: their refusals are audited too. Refused chunk
+            // requests are only logged, so a misconfigured peer cannot fill the disk.
+            if let Request::Preheat { name, .. } = &request {
+                let held: Vec<String> = ctx.peer.roles.iter().map(|r| r.to_string()).collect();
+                let outcome = format!("refused: {}", refusal.message);
+                crate::admin::audit(
+                    &self.state,
+                    &ctx.peer.name,
+                    &held,
+                    "preheat",
+                    name,
+                    &outcome,
+                );
+            }
             reply_error(&mut send, refusal.code, refusal.message).await;
             return;
         }
@@ -498,7 +525,7 @@ impl RequestHandler for PeerHandler {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     reply_error(
                         &mut send,
-                        ErrorCode::Unavailable,
+                        ErrorCode::Busy,
                         format!(
                             "busy: {} uploads in progress",
                             self.state.settings.max_uploads
@@ -541,7 +568,26 @@ impl RequestHandler for PeerHandler {
                 }
             }
             Request::Preheat { name, version } => {
-                match crate::admin::preheat(&self.state, &ctx.peer.name, &name, version).await {
+                let target = match &version {
+                    Some(version) => format!("{name}@{version}"),
+                    None => name.clone(),
+                };
+                let result =
+                    crate::admin::preheat(&self.state, &ctx.peer.name, &name, version).await;
+                let outcome = match &result {
+                    Ok(_) => "ok".to_string(),
+                    Err(error) => format!("failed: {error:#}"),
+                };
+                let roles: Vec<String> = ctx.peer.roles.iter().map(|r| r.to_string()).collect();
+                crate::admin::audit(
+                    &self.state,
+                    &ctx.peer.name,
+                    &roles,
+                    "preheat",
+                    &target,
+                    &outcome,
+                );
+                match result {
                     Ok(reply) => {
                         let _ =
                             transport::write_frame(&mut send, &Response::Preheating(reply)).await;

@@ -1,8 +1,8 @@
-//! The seed's audit log: one JSON line per change or refusal, appended and fsynced before the
-//! caller hears the outcome, so a record is never lost to a crash after the fact.
+//! The audit log of a seed or a node: one JSON line per change or refusal, appended and fsynced
+//! before the caller hears the outcome, so a record is never lost to a crash after the fact.
 //!
 //! Owns: writing and reading `<data>/audit.log`. Does not own: deciding what is audited (the
-//! seed's request handlers do).
+//! seed's request handlers and the node's admin API do).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};

@@ -24,8 +24,14 @@ pub use service::{SeedCounters, SeedState};
 use crate::origin::{Origin, OriginOptions};
 use crate::pki::Identity;
 use crate::swarm::admission::{Admission, DEFAULT_RECENT_WINDOW};
+use crate::swarm::ratelimit::RateLimiter;
 use crate::transport;
 use crate::ziplayout::ZipLimits;
+
+/// Connections a seed accepts at once. Every node of the fleet keeps one open (announcing,
+/// asking for peers, long-polling its desired state), so this bounds the fleet one seed serves:
+/// the transport's default is sized for a node serving its peers, below a 10,000-node fleet.
+pub const MAX_CONNECTIONS: usize = 16_384;
 
 /// Everything a seed needs to start; the CLI fills it from flags and the config file.
 #[derive(Debug, Clone)]
@@ -43,6 +49,9 @@ pub struct SeedSettings {
     pub wan_fetchers: Vec<(String, usize)>,
     /// Where to serve Prometheus `/metrics` over TCP; `None` serves none.
     pub metrics_listen: Option<SocketAddr>,
+    /// Chunk payload bytes per second the seed sends to nodes; 0 is unlimited. The seed's
+    /// uplink is usually the fleet's thinnest pipe, and capping it keeps room for the rest.
+    pub upload_limit: u64,
 }
 
 impl SeedSettings {
@@ -61,6 +70,7 @@ impl SeedSettings {
             admission_window: DEFAULT_RECENT_WINDOW,
             wan_fetchers: Vec::new(),
             metrics_listen: None,
+            upload_limit: 0,
         }
     }
 }
@@ -128,6 +138,9 @@ pub async fn start(settings: SeedSettings) -> anyhow::Result<RunningSeed> {
         tracker: Mutex::new(tracker),
         admission: Mutex::new(Admission::new(settings.admission_window)),
         counters: SeedCounters::default(),
+        upload: RateLimiter::new(settings.upload_limit),
+        upload_turn: tokio::sync::Mutex::new(()),
+        send_budget: Arc::new(tokio::sync::Semaphore::new(service::SEND_BUDGET_BYTES)),
         tmp_dir,
         max_upload_bytes: settings.max_upload_bytes,
         zip_limits: ZipLimits::default(),
@@ -150,7 +163,11 @@ pub async fn start(settings: SeedSettings) -> anyhow::Result<RunningSeed> {
     let handler = Arc::new(service::SeedHandler {
         state: state.clone(),
     });
-    let serving = tokio::spawn(transport::serve(endpoint.clone(), handler));
+    let limits = transport::ServeLimits {
+        max_connections: MAX_CONNECTIONS,
+        ..transport::ServeLimits::default()
+    };
+    let serving = tokio::spawn(transport::serve_with(endpoint.clone(), handler, limits));
     let housekeeping_state = state.clone();
     let housekeeping = tokio::spawn(async move {
         // Rollouts step every second: new nodes that match, due repeats and default changes

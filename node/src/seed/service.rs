@@ -74,6 +74,15 @@ pub struct SeedState {
     pub tracker: Mutex<Tracker>,
     pub admission: Mutex<Admission>,
     pub counters: SeedCounters,
+    /// The seed's upload cap on chunk payloads (the node's token bucket); `None`: uncapped.
+    pub upload: Option<crate::swarm::ratelimit::RateLimiter>,
+    /// Chunk requests take turns at the capped uplink in arrival order (tokio's mutex is fair).
+    pub upload_turn: tokio::sync::Mutex<()>,
+    /// Chunk bytes on their way out, in bytes ([`SEND_BUDGET_BYTES`] permits). A chunk is held
+    /// in memory until its receiver has taken it, so without a bound clients that ask and never
+    /// read would make the seed hold every chunk they asked for (627 MiB for 1 GiB asked, in
+    /// the hostile-peer test). Over the budget a request is answered `Busy` at once.
+    pub send_budget: Arc<tokio::sync::Semaphore>,
     pub tmp_dir: PathBuf,
     pub max_upload_bytes: u64,
     pub zip_limits: ZipLimits,
@@ -152,8 +161,9 @@ impl RequestHandler for SeedHandler {
                     Err(refusal)
                 } else {
                     match state.chunk(&ctx, blob, index, after_peer_failure).await {
-                        Ok(ChunkAnswer::Bytes(bytes)) => {
+                        Ok(ChunkAnswer::Bytes(bytes, budget)) => {
                             state.send_chunk(&mut send, blob, index, bytes).await;
+                            drop(budget);
                             return;
                         }
                         Ok(ChunkAnswer::Frame(response)) => Ok(response),
@@ -429,9 +439,14 @@ fn where_target(query: &WhereQuery) -> String {
 }
 
 enum ChunkAnswer {
-    Bytes(Bytes),
+    /// The chunk, with its share of the send budget, returned when the send ends.
+    Bytes(Bytes, tokio::sync::OwnedSemaphorePermit),
     Frame(Response),
 }
+
+/// Chunk bytes the seed keeps on their way to receivers at most (see `SeedState::send_budget`):
+/// 128 chunks of 256 KiB, enough to keep a fast link busy.
+pub const SEND_BUDGET_BYTES: usize = 32 << 20;
 
 /// Removes a spooled upload however the publish ends.
 struct Spool {
@@ -608,10 +623,35 @@ impl SeedState {
     ) -> Result<ChunkAnswer, ErrorReply> {
         let entry = self.blob(blob)?;
         let (origin_key, hashes) = (&entry.origin_key, &entry.hashes);
-        hashes
+        let len = hashes
             .layout()
             .chunk_len(index)
             .map_err(|e| error(ErrorCode::BadRequest, e.to_string()))?;
+        // Taken before anything is decided or read, so a refused request costs nothing; a
+        // chunk larger than the whole budget (64 MiB chunks) still goes when nothing else does.
+        let share = (len as usize).min(SEND_BUDGET_BYTES) as u32;
+        let Ok(budget) = self.send_budget.clone().try_acquire_many_owned(share) else {
+            return Err(error(
+                ErrorCode::Busy,
+                format!(
+                    "busy: {} MiB of chunks already on their way to receivers",
+                    SEND_BUDGET_BYTES >> 20
+                ),
+            ));
+        };
+        // With an upload cap, a request waits for its turn at the uplink before admission
+        // decides. Deciding on arrival queued chunks behind the cap for seconds while admission
+        // already named their receivers as holders, so redirected nodes asked peers that had
+        // nothing yet and backed off; deciding when the chunk can leave at once names a
+        // receiver that holds it one chunk-time later.
+        let turn = match &self.upload {
+            Some(limit) => {
+                let turn = self.upload_turn.lock().await;
+                limit.ready().await;
+                Some((limit, turn))
+            }
+            None => None,
+        };
         let decision = {
             let mut tracker = self.tracker();
             let site = tracker
@@ -671,8 +711,11 @@ impl SeedState {
                 peers,
             }));
         }
+        if let Some((limit, _turn)) = turn {
+            limit.charge(len as u64);
+        }
         let bytes = self.chunk_bytes(hashes, origin_key, index).await?;
-        Ok(ChunkAnswer::Bytes(bytes))
+        Ok(ChunkAnswer::Bytes(bytes, budget))
     }
 
     /// A verified chunk from the seed's cache, or read from the origin (once) into it.

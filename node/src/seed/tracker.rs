@@ -91,6 +91,10 @@ impl Tracker {
 
     /// The peer was reported for this blob by enough distinct nodes to stop naming it.
     pub fn distrusted(&self, blob: &BlobId, peer: &str) -> bool {
+        // Asked for every holder on every GetPeers: skip building the key when nobody reported.
+        if self.ban_reports.is_empty() {
+            return false;
+        }
         self.ban_reports
             .get(&(*blob, peer.to_string()))
             .is_some_and(|reporters| reporters.len() >= BAN_QUORUM)
@@ -271,16 +275,19 @@ impl Tracker {
                 other.push((name, chunks, meta));
             }
         }
-        same.shuffle(rng);
-        other.shuffle(rng);
-        same.into_iter()
-            .chain(other)
-            .take(max)
+        // A partial shuffle picks `max` uniformly at random, in random order, without shuffling
+        // the thousands of holders a large fleet has.
+        let same_taken = same.len().min(max);
+        let other_taken = other.len().min(max - same_taken);
+        let (same, _) = same.partial_shuffle(rng, same_taken);
+        let (other, _) = other.partial_shuffle(rng, other_taken);
+        same.iter()
+            .chain(other.iter())
             .map(|(name, chunks, meta)| PeerInfo {
-                node: name.clone(),
+                node: (*name).clone(),
                 listen: meta.listen.clone(),
                 site: meta.site.clone(),
-                chunks: Some(chunks.clone()),
+                chunks: Some((*chunks).clone()),
             })
             .collect()
     }

@@ -32,6 +32,19 @@ impl TokenBucket {
         }
     }
 
+    /// How long until the balance is back to zero, reserving nothing: a sender that decides
+    /// what to send only when it may send (the seed) waits this first, then [`Self::reserve`]s.
+    pub fn until_ready(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+
     /// Reserves `bytes` and says how long the caller must wait before sending them. The
     /// balance may go negative, so later callers queue behind earlier ones in order.
     pub fn reserve(&mut self, bytes: u64, now: Instant) -> Duration {
@@ -59,6 +72,27 @@ impl RateLimiter {
         (rate > 0).then(|| RateLimiter {
             bucket: Mutex::new(TokenBucket::new(rate, Instant::now())),
         })
+    }
+
+    /// Waits until the bucket is out of debt, reserving nothing.
+    pub async fn ready(&self) {
+        let wait = self
+            .bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .until_ready(Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Takes `bytes` from the bucket without waiting: whoever comes next waits for them.
+    pub fn charge(&self, bytes: u64) {
+        let _ = self
+            .bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reserve(bytes, Instant::now());
     }
 
     /// Waits until `bytes` may move.
@@ -105,5 +139,20 @@ mod tests {
         assert_eq!(bucket.reserve(250_000, later), Duration::ZERO);
         assert!(bucket.reserve(100_000, later) > Duration::from_millis(90));
         assert!(RateLimiter::new(0).is_none());
+    }
+
+    #[test]
+    fn until_ready_waits_out_the_debt_and_reserves_nothing() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1_000_000, start);
+        assert_eq!(bucket.until_ready(start), Duration::ZERO);
+        // 250 kB of burst, then 500 kB of debt: half a second until the next sender may go.
+        bucket.reserve(750_000, start);
+        assert_eq!(bucket.until_ready(start), Duration::from_millis(500));
+        // Asking again does not deepen the debt.
+        assert_eq!(bucket.until_ready(start), Duration::from_millis(500));
+        let later = start + Duration::from_millis(500);
+        assert_eq!(bucket.until_ready(later), Duration::ZERO);
+        assert!(bucket.reserve(100_000, later) > Duration::from_millis(90));
     }
 }

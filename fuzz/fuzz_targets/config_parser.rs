@@ -1,0 +1,9 @@
+//! Arbitrary bytes as a seed and a node TOML config file.
+//! The body is shared with the stable corpus replay test: see `bodies/src/lib.rs`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = pkgmesh_fuzz_bodies::config_parser(data);
+});
