@@ -51,6 +51,13 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
 /// Bytes we keep unacknowledged per connection, to match what peers let us send.
 pub const SEND_WINDOW: u64 = CONNECTION_RECEIVE_WINDOW as u64;
 /// Concurrent requests a peer may have open on one connection.
+///
+/// This is also memory a connection keeps: quinn reserves state for every stream the peer may
+/// open next (two hash-map entries each), and it parks the receive state of each finished
+/// stream (about 450 bytes with its reassembly buffer) in the slot of a future stream instead
+/// of freeing it. So after this many requests a connection holds about this many parked
+/// receive states, for as long as it lives: about 115 KiB a connection at 256. Servers with
+/// thousands of long-lived connections (the seed) use a lower limit.
 pub const MAX_CONCURRENT_BIDI_STREAMS: u32 = 256;
 /// Keep-alive, well under the idle timeout so idle but wanted connections survive.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
@@ -189,6 +196,15 @@ fn roots(identity: &Identity) -> Result<Arc<RootCertStore>, TransportError> {
 
 /// The server half: TLS 1.3, ALPN `pkgmesh/1`, a client certificate under the fleet CA required.
 pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, TransportError> {
+    server_config_with(identity, transport_config())
+}
+
+/// [`server_config`] with its own flow-control and stream limits for the connections it
+/// accepts (the seed's, see `seed::seed_transport_config`).
+pub fn server_config_with(
+    identity: &Identity,
+    transport: TransportConfig,
+) -> Result<quinn::ServerConfig, TransportError> {
     let tls = |e: &dyn std::fmt::Display| TransportError::Tls(e.to_string());
     let provider = crypto_provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(identity)?, provider.clone())
@@ -212,7 +228,7 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, Transpo
     let crypto = QuicServerConfig::try_from(config).map_err(|e| tls(&e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server
-        .transport_config(Arc::new(transport_config()))
+        .transport_config(Arc::new(transport))
         .max_incoming(MAX_INCOMING);
     Ok(server)
 }
@@ -247,7 +263,17 @@ pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, Transpo
 /// One UDP endpoint that both serves (hand it to [`serve`]) and dials ([`connect`]) under
 /// `identity`. Must be called inside a tokio runtime.
 pub fn make_endpoint(bind: SocketAddr, identity: &Identity) -> Result<Endpoint, TransportError> {
-    let server = server_config(identity)?;
+    make_endpoint_with(bind, identity, transport_config())
+}
+
+/// [`make_endpoint`] whose server side gives accepted connections `server_transport` instead
+/// of [`transport_config`]; dialling out still uses [`transport_config`].
+pub fn make_endpoint_with(
+    bind: SocketAddr,
+    identity: &Identity,
+    server_transport: TransportConfig,
+) -> Result<Endpoint, TransportError> {
+    let server = server_config_with(identity, server_transport)?;
     let client = client_config(identity)?;
     let socket = std::net::UdpSocket::bind(bind)
         .map_err(|source| TransportError::Bind { addr: bind, source })?;
@@ -591,9 +617,10 @@ pub async fn serve<H: RequestHandler>(endpoint: Endpoint, handler: Arc<H>) {
 
 /// Accepts connections until the endpoint is closed. Each connection must present a fleet
 /// certificate; each stream carries one request, read within `request_timeout`, then handed to
-/// `handler` on its own task. Concurrency is bounded: `max_connections` connections,
-/// [`MAX_CONCURRENT_BIDI_STREAMS`] streams per connection (enforced by QUIC flow control), and
-/// `max_request_bytes_in_flight` bytes of request frames being received.
+/// `handler` on its own task. Concurrency is bounded: `max_connections` connections, the
+/// server's stream limit per connection ([`MAX_CONCURRENT_BIDI_STREAMS`] unless the endpoint
+/// was made with another, enforced by QUIC flow control), and `max_request_bytes_in_flight`
+/// bytes of request frames being received.
 pub async fn serve_with<H: RequestHandler>(
     endpoint: Endpoint,
     handler: Arc<H>,

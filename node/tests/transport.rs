@@ -283,9 +283,14 @@ async fn a_client_certificate_from_another_ca_is_refused_by_the_server() {
     let mut client = Endpoint::client(localhost()).unwrap();
     client.set_default_client_config(config);
 
-    assert!(connect(&client, server.addr, Role::Seed, PATIENCE)
+    let error = connect(&client, server.addr, Role::Seed, PATIENCE)
         .await
-        .is_err());
+        .unwrap_err();
+    // The client is told why, not only that the connection went.
+    assert!(
+        error.to_string().to_lowercase().contains("unknownissuer"),
+        "{error}"
+    );
     let reason = server.handler.wait_refused().await;
     assert!(reason.contains("UnknownIssuer"), "{reason}");
     assert!(server.handler.callers.lock().unwrap().is_empty());
@@ -299,9 +304,14 @@ async fn a_client_without_a_certificate_is_refused() {
     let mut client = Endpoint::client(localhost()).unwrap();
     client.set_default_client_config(client_config_without_cert(&fleet.ca_dir()));
 
-    assert!(connect(&client, server.addr, Role::Seed, PATIENCE)
+    let error = connect(&client, server.addr, Role::Seed, PATIENCE)
         .await
-        .is_err());
+        .unwrap_err();
+    // The client is told why, not only that the connection went.
+    assert!(
+        error.to_string().to_lowercase().contains("certificate"),
+        "{error}"
+    );
     let reason = server.handler.wait_refused().await;
     assert!(reason.contains("certificate"), "{reason}");
     assert!(server.handler.callers.lock().unwrap().is_empty());
@@ -346,9 +356,14 @@ async fn an_expired_certificate_is_refused() {
     ));
     let client = make_endpoint(localhost(), &Identity::load_unchecked(&dir).unwrap()).unwrap();
 
-    assert!(connect(&client, server.addr, Role::Seed, PATIENCE)
+    let error = connect(&client, server.addr, Role::Seed, PATIENCE)
         .await
-        .is_err());
+        .unwrap_err();
+    // The client is told why, not only that the connection went.
+    assert!(
+        error.to_string().to_lowercase().contains("expired"),
+        "{error}"
+    );
     let reason = server.handler.wait_refused().await;
     assert!(reason.to_lowercase().contains("expired"), "{reason}");
     assert!(server.handler.callers.lock().unwrap().is_empty());

@@ -664,6 +664,85 @@ fn duplicate_and_conflicting_names_are_refused() {
 // ---------------------------------------------------------------------------------------------
 // Hostile entry types
 
+/// ZIP has no hard-link entry type. The real `zip` command stores a hard-linked file as a second
+/// regular entry, and PKWARE's Unix extra field (0x000d) can carry a link target that some
+/// extractors act on: ours never reads it, so every entry becomes a new regular file holding its
+/// own bytes, and nothing outside staging is linked or touched.
+#[test]
+fn hard_links_come_out_as_separate_regular_files_never_as_links() {
+    use std::os::unix::fs::MetadataExt;
+
+    let s = Scratch::new();
+    let src = s.root.join("src");
+    write(&src.join("install.sh"), b"echo in\n", 0o755);
+    write(&src.join("uninstall.sh"), b"echo out\n", 0o644);
+    write(&src.join("data/original"), b"shared bytes", 0o644);
+    std::fs::hard_link(src.join("data/original"), src.join("data/linked")).unwrap();
+    let zip = s.zip_path("hardlink.zip");
+    zip_cmd(&src, &zip, &["-r"]);
+    extract_zip(&zip, &s.staging(), &ZipLimits::default()).unwrap();
+    for name in ["data/original", "data/linked"] {
+        let meta = std::fs::symlink_metadata(s.staging().join(name)).unwrap();
+        assert!(meta.file_type().is_file(), "{name}");
+        assert_eq!(meta.nlink(), 1, "{name} came out linked");
+        assert_eq!(
+            std::fs::read(s.staging().join(name)).unwrap(),
+            b"shared bytes"
+        );
+    }
+
+    // A regular-mode entry whose PKWARE Unix extra field (atime, mtime, uid, gid, then the
+    // link target) names a file outside staging, written by Python's zipfile (the zip crate
+    // refuses to write that reserved field).
+    let s = Scratch::new();
+    let target = s.root.join("parent/neighbour.txt");
+    let zip = s.zip_path("extra-field.zip");
+    let script = format!(
+        "import struct, zipfile\n\
+         with zipfile.ZipFile({:?}, 'w') as z:\n\
+         \x20   z.writestr(zipfile.ZipInfo('install.sh'), 'echo in')\n\
+         \x20   z.writestr(zipfile.ZipInfo('uninstall.sh'), 'echo out')\n\
+         \x20   i = zipfile.ZipInfo('hardlink'); i.external_attr = 0o100644 << 16; i.create_system = 3\n\
+         \x20   link = {:?}.encode()\n\
+         \x20   i.extra = struct.pack('<HHIIHH', 0x000d, 12 + len(link), 0, 0, 0, 0) + link\n\
+         \x20   z.writestr(i, \"the entry's own bytes\")\n",
+        zip.display().to_string(),
+        target.display().to_string()
+    );
+    let status = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let raw = std::fs::read(&zip).unwrap();
+    let link = target.to_str().unwrap().as_bytes();
+    assert!(
+        raw.windows(link.len()).any(|w| w == link),
+        "the extra field was not written"
+    );
+    let before = snapshot(&s.parent());
+    extract_zip(&zip, &s.staging(), &ZipLimits::default()).unwrap();
+    let meta = std::fs::symlink_metadata(s.staging().join("hardlink")).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(meta.nlink(), 1);
+    assert_eq!(
+        std::fs::read(s.staging().join("hardlink")).unwrap(),
+        b"the entry's own bytes"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+    assert_eq!(std::fs::metadata(&target).unwrap().nlink(), 1);
+    let after: BTreeMap<_, _> = snapshot(&s.parent())
+        .into_iter()
+        .filter(|(path, _)| !path.starts_with("staging"))
+        .collect();
+    let before: BTreeMap<_, _> = before
+        .into_iter()
+        .filter(|(path, _)| !path.starts_with("staging"))
+        .collect();
+    assert_eq!(before, after, "something outside staging changed");
+}
+
 #[test]
 fn symlinks_devices_fifos_and_sockets_are_refused() {
     // A symlink stored by the real zip command.

@@ -641,7 +641,8 @@ struct Hoard {
 }
 
 /// Asks `server` for `target_bytes` worth of chunks of `blob` over as many connections as it
-/// takes (a connection carries at most 256 open requests), reading none of them but the first,
+/// takes (a connection carries at most the server's stream limit of open requests: 64 on the
+/// seed, 256 on a node), reading none of them but the first,
 /// which it reads one byte a second.
 async fn hoard(
     endpoint: &quinn::Endpoint,
@@ -658,7 +659,7 @@ async fn hoard(
     };
     let count = blob.layout.chunk_count();
     let mut next = 0u32;
-    while hoard.requested_bytes < target_bytes && hoard._connections.len() < 64 {
+    while hoard.requested_bytes < target_bytes && hoard._connections.len() < 256 {
         let conn = transport::connect(endpoint, server, role, Duration::from_secs(10))
             .await
             .expect("the greedy client connects");

@@ -25,7 +25,9 @@
 //!
 //! While it runs, the seed's resident memory is sampled from `/proc/<pid>/status`; the result is
 //! one JSON line with the request rate, per-type p50/p99/max latency, errors, and the seed's RSS
-//! at the start of the load, its peak (`VmHWM`) and at the end.
+//! at the start of the load, its peak (`VmHWM`) and at the end. The seed's CPU time per request
+//! (`seed_cpu_ms_per_request`) is its own service cost, apart from queueing in the client or on
+//! a busy machine; `client_cpu_per_s` and `late_starts` show when the client is the limit.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -545,6 +547,13 @@ async fn drive(
     let rss_end = sampler.latest();
     let hwm = sampler.hwm();
     let samples = sampler.stop();
+    let client_ports: Vec<u16> = endpoints
+        .iter()
+        .filter_map(|endpoint| endpoint.local_addr().ok())
+        .map(|addr| addr.port())
+        .collect();
+    let seed_socket_drops = udp_socket_drops(&[seed.port()]);
+    let client_socket_drops = udp_socket_drops(&client_ports);
     for endpoint in &endpoints {
         endpoint.close(0u32.into(), b"bench over");
     }
@@ -579,7 +588,16 @@ async fn drive(
         "mean_peers_per_answer": round1(shared.peers_named.load(Ordering::Relaxed) as f64 / peers_answers.max(1.0)),
         "empty_peer_answers": shared.empty_peer_answers.load(Ordering::Relaxed),
         "seed_cpu_s": round1(cpu_end - cpu_start),
+        "seed_socket_drops": seed_socket_drops,
+        "client_socket_drops": client_socket_drops,
         "seed_cpu_per_s": round3((cpu_end - cpu_start) / load_s),
+        // The seed's own cost of a request (CPU time, whatever the client or the machine's
+        // other jobs add to the latency), and what each connection holds at the start.
+        "seed_cpu_ms_per_request": round3((cpu_end - cpu_start) * 1000.0 / (total.max(1) as f64)),
+        "seed_kib_per_connection": round1(
+            rss_start.saturating_sub(rss_before_connect) as f64
+                / (args.nodes as u64 - connect_failures).max(1) as f64
+        ),
         "client_cpu_per_s": round3((self_cpu_end - self_cpu_start) / load_s),
         "seed_rss_mib": {
             "before_connect": mib(rss_before_connect),
@@ -605,18 +623,26 @@ const CLIENT_SOCKET_BUFFER: libc::c_int = 8 << 20;
 fn client_endpoint(bind: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     use std::os::fd::AsRawFd;
     let socket = std::net::UdpSocket::bind(bind).context("binding a client UDP socket")?;
-    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
-        let result = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&CLIENT_SOCKET_BUFFER as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
+    // As root the FORCE options pass `net.core.rmem_max` (4 MiB on the bench machine), as the
+    // seed's endpoint does; otherwise the plain ones, capped there.
+    for (force, option) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |option: libc::c_int| {
+            // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its
+            // size.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&CLIENT_SOCKET_BUFFER as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
         };
-        if result != 0 {
+        if set(force) != 0 && set(option) != 0 {
             bail!(
                 "setting a client socket buffer: {}",
                 std::io::Error::last_os_error()
@@ -905,6 +931,25 @@ fn process_cpu_s(pid: u32) -> f64 {
 
 fn self_cpu_s() -> f64 {
     process_cpu_s(std::process::id())
+}
+
+/// Datagrams the kernel dropped on the UDP sockets bound to `ports` (the `drops` column of
+/// `/proc/net/udp`), read while they are open: unlike `RcvbufErrors`, this tells the seed's
+/// socket from the client's.
+fn udp_socket_drops(ports: &[u16]) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/udp").ok()?;
+    let mut drops = 0;
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port = fields
+            .get(1)
+            .and_then(|local| local.rsplit_once(':'))
+            .and_then(|(_, port)| u16::from_str_radix(port, 16).ok());
+        if port.is_some_and(|port| ports.contains(&port)) {
+            drops += fields.last()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(drops)
 }
 
 /// The host's count of UDP datagrams dropped for a full socket buffer (`RcvbufErrors` in

@@ -15,8 +15,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 
 use pkgmesh_node::config::{self, NodeFile, SeedFile};
 use pkgmesh_node::ziplayout::{check_zip_layout, extract_zip, ZipLimits};
@@ -466,26 +464,20 @@ pub fn manifest_parser(data: &[u8]) -> Verdict {
     Verdict::Accepted
 }
 
-/// Scratch space for [`zip_checker`]: one directory per process, one numbered subdirectory per
-/// input so concurrent callers (the replay test's threads) never share files.
-fn zip_scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("pkgmesh-fuzz-zip")
-            .tempdir()
-            .expect("a temporary directory for the ZIP target")
-    })
-    .path()
-}
-
 /// A ZIP as the publisher checks it and the installer extracts it, under the default limits.
 /// Checking and extraction must agree, extraction must write only regular files and directories
 /// and only inside its staging directory, and a failed extraction leaves staging empty.
+///
+/// Each input gets its own temporary directory, removed when the call returns, so concurrent
+/// callers (the replay test's threads) never share files and no run leaves one behind. (A
+/// process-wide directory kept in a static was never removed: statics are not dropped, and
+/// libFuzzer ends with `exit`, so every run left an empty `/tmp/pkgmesh-fuzz-zip*`.)
 pub fn zip_checker(data: &[u8]) -> Verdict {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let work = zip_scratch().join(NEXT.fetch_add(1, Ordering::Relaxed).to_string());
-    fs::create_dir(&work).expect("a work directory for one ZIP");
+    let scratch = tempfile::Builder::new()
+        .prefix("pkgmesh-fuzz-zip")
+        .tempdir()
+        .expect("a temporary directory for one ZIP");
+    let work = scratch.path();
     let zip = work.join("package.zip");
     fs::write(&zip, data).expect("the ZIP written to scratch");
     let staging = work.join("staging");
@@ -510,7 +502,7 @@ pub fn zip_checker(data: &[u8]) -> Verdict {
             Verdict::refused(e)
         }
     };
-    let mut names: Vec<_> = fs::read_dir(&work)
+    let mut names: Vec<_> = fs::read_dir(work)
         .expect("the work directory lists")
         .map(|e| e.expect("a work directory entry").file_name())
         .collect();
@@ -523,7 +515,7 @@ pub fn zip_checker(data: &[u8]) -> Verdict {
         names, expected,
         "extraction wrote outside its staging directory"
     );
-    fs::remove_dir_all(&work).expect("the work directory is removed");
+    scratch.close().expect("the work directory is removed");
     verdict
 }
 

@@ -118,8 +118,15 @@ pub struct VerifiedFile {
     writer: Option<std::fs::File>,
     sha: Sha256,
     written: u64,
+    /// Bytes up to here have been handed to the kernel's writeback ([`WRITEBACK_EVERY`]).
+    flushed: u64,
     expected: FileBlob,
 }
+
+/// A file being written starts its writeback every this many bytes (`sync_file_range`, which
+/// does not wait), so the fsync before the rename finds little left to write instead of the
+/// whole file (about 0.5 s for 1 GiB here).
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 impl VerifiedFile {
     pub fn create(out: &std::path::Path, expected: &FileBlob) -> anyhow::Result<Self> {
@@ -140,6 +147,7 @@ impl VerifiedFile {
             writer: Some(writer),
             sha: Sha256::new(),
             written: 0,
+            flushed: 0,
             expected: expected.clone(),
         })
     }
@@ -158,7 +166,12 @@ impl VerifiedFile {
         let writer = self.writer.as_mut().context("file already finished")?;
         writer
             .write_all(bytes)
-            .with_context(|| format!("cannot write {}", self.temp.display()))
+            .with_context(|| format!("cannot write {}", self.temp.display()))?;
+        if self.written - self.flushed >= WRITEBACK_EVERY {
+            start_writeback(writer, self.flushed, self.written - self.flushed);
+            self.flushed = self.written;
+        }
+        Ok(())
     }
 
     pub fn finish(mut self) -> anyhow::Result<String> {
@@ -187,6 +200,25 @@ impl VerifiedFile {
         Ok(hex::encode(digest))
     }
 }
+
+/// Asks the kernel to start writing `len` bytes at `offset` of `file` to disk, without waiting:
+/// only a head start for the fsync that follows, so a failure is ignored (the fsync reports).
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
 
 impl Drop for VerifiedFile {
     fn drop(&mut self) {

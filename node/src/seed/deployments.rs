@@ -6,7 +6,7 @@
 //! generation counter nodes wait on. Does not own: the rules themselves (protocol), roles and
 //! audit (the service), or installing (nodes).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -294,6 +294,13 @@ impl Deployments {
         }
     }
 
+    /// Whether any deployment is active, so that a rollout step has anything to do.
+    pub fn any_active(&self) -> bool {
+        self.lock()
+            .values()
+            .any(|r| r.info.state == DeploymentState::Active)
+    }
+
     /// One rollout step over every active deployment: start new runs that fell due, fail
     /// installs on nodes that vanished, stop deployments over max-errors, and start nodes
     /// within max-concurrency. `nodes` are the nodes the tracker knows now.
@@ -344,6 +351,7 @@ impl Deployments {
                 record.info.nodes.clear();
             }
             record.info.version = Some(version.clone());
+            let known: HashSet<&str> = nodes.iter().map(|(name, _)| name.as_str()).collect();
             let mut targeted: Vec<String> = nodes
                 .iter()
                 .filter(|(name, meta)| {
@@ -364,7 +372,7 @@ impl Deployments {
                 .collect();
             targeted.sort();
             for (name, status) in record.info.nodes.iter_mut() {
-                let known = nodes.iter().any(|(n, _)| n == name);
+                let known = known.contains(name.as_str());
                 let overdue =
                     status.updated_at + spec.timeout_secs as u64 + LOST_NODE_GRACE.as_secs() < now;
                 if status.state.in_progress() && !known && overdue {

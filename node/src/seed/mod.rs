@@ -33,6 +33,35 @@ use crate::ziplayout::ZipLimits;
 /// the transport's default is sized for a node serving its peers, below a 10,000-node fleet.
 pub const MAX_CONNECTIONS: usize = 16_384;
 
+/// Requests one connection may have open at the seed at once. Every node keeps one connection
+/// to the seed for as long as it runs, and quinn keeps state for each stream a peer may open
+/// next and parks the receive state of every finished stream in one of those slots (see
+/// `transport::MAX_CONCURRENT_BIDI_STREAMS`), so each connection settles at about 450 bytes a
+/// slot once it has made this many requests: at the transport's default of 256 that was
+/// 115 KiB more per node after its first 256 requests, the growth of issue #9. A node needs far
+/// fewer: its desired-state poll, a tracker request or two, and up to 8 chunk requests per
+/// package it fetches from the seed (`SeedPolicy::max_in_flight`); a request over the limit
+/// waits for a stream, it is not refused.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// Flow-control window over all of one connection's streams into the seed. Nodes send the seed
+/// only small requests (a frame is at most 1 MiB); only a publisher uploads, one package per
+/// connection, and one stream's window ([`crate::transport::STREAM_RECEIVE_WINDOW`]) already
+/// lets it fill a fast link. It bounds what a connection can make the seed buffer unread: 8
+/// MiB, not the 32 MiB a node allows a peer it fetches chunks from. Not allocated up front.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// The transport for connections the seed accepts: the node's tuning (send window, keep-alive,
+/// idle timeout, per-stream window for uploads) with the seed's own stream limit and
+/// connection window. What the seed sends (chunks) is governed by the nodes' windows and the
+/// seed's send window, which stay as they are.
+pub fn seed_transport_config() -> quinn::TransportConfig {
+    let mut config = transport::transport_config();
+    config
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_STREAMS_PER_CONNECTION))
+        .receive_window(quinn::VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
+    config
+}
+
 /// Everything a seed needs to start; the CLI fills it from flags and the config file.
 #[derive(Debug, Clone)]
 pub struct SeedSettings {
@@ -158,7 +187,11 @@ pub async fn start(settings: SeedSettings) -> anyhow::Result<RunningSeed> {
         }
         None => (None, None),
     };
-    let endpoint = transport::make_endpoint(settings.listen, &settings.identity)?;
+    let endpoint = transport::make_endpoint_with(
+        settings.listen,
+        &settings.identity,
+        seed_transport_config(),
+    )?;
     let local_addr = endpoint.local_addr()?;
     let handler = Arc::new(service::SeedHandler {
         state: state.clone(),
@@ -194,4 +227,81 @@ pub async fn start(settings: SeedSettings) -> anyhow::Result<RunningSeed> {
         metrics_addr,
         metrics,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{self, Role};
+    use futures::FutureExt;
+    use pkgmesh_protocol::wire::{Request, Response};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_gets_the_seeds_stream_limit_and_streams_again_as_requests_end() {
+        transport::install_crypto_provider();
+        let work = tempfile::tempdir().unwrap();
+        let ca = work.path().join("ca");
+        pki::init_ca(&ca, "test fleet").unwrap();
+        pki::issue(&ca, "seed", &[Role::Seed], 1, &work.path().join("seed")).unwrap();
+        pki::issue(&ca, "node-1", &[Role::Node], 1, &work.path().join("node")).unwrap();
+        let settings = SeedSettings::new(
+            "127.0.0.1:0".parse().unwrap(),
+            work.path().join("data"),
+            Identity::load(&work.path().join("seed")).unwrap(),
+        );
+        let running = start(settings).await.unwrap();
+        let node = Identity::load(&work.path().join("node")).unwrap();
+        let endpoint = transport::make_endpoint("127.0.0.1:0".parse().unwrap(), &node).unwrap();
+        let conn = transport::connect(
+            &endpoint,
+            running.local_addr,
+            Role::Seed,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+        // Streams open without a round trip while the seed's limit allows; then opening waits.
+        // The Hello exchange used one stream, which the seed may not have handed back yet.
+        let mut open = Vec::new();
+        while let Some(streams) = conn.connection.open_bi().now_or_never() {
+            open.push(streams.unwrap());
+            assert!(
+                open.len() <= MAX_STREAMS_PER_CONNECTION as usize,
+                "no limit"
+            );
+        }
+        assert!(
+            open.len() + 1 >= MAX_STREAMS_PER_CONNECTION as usize,
+            "only {} streams",
+            open.len()
+        );
+
+        // Every one of them is served, and once they are done the connection opens more.
+        let mut answers = Vec::new();
+        for (nonce, (mut send, mut recv)) in open.into_iter().enumerate() {
+            answers.push(tokio::spawn(async move {
+                let ping = Request::Ping {
+                    nonce: nonce as u64,
+                };
+                transport::write_frame(&mut send, &ping).await.unwrap();
+                let _ = send.finish();
+                transport::read_frame::<Response>(&mut recv, Duration::from_secs(10)).await
+            }));
+        }
+        for (nonce, answer) in answers.into_iter().enumerate() {
+            match answer.await.unwrap().unwrap() {
+                Response::Pong { nonce: got } => assert_eq!(got, nonce as u64),
+                other => panic!("{other:?}"),
+            }
+        }
+        for round in 0..2 * MAX_STREAMS_PER_CONNECTION as u64 {
+            let ping = Request::Ping { nonce: round };
+            let (response, _, _) = transport::request(&conn, &ping, Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert!(matches!(response, Response::Pong { nonce } if nonce == round));
+        }
+        running.shutdown().await;
+    }
 }

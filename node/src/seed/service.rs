@@ -493,6 +493,11 @@ fn deployment_error(e: super::deployments::DeploymentError) -> ErrorReply {
 impl SeedState {
     /// One rollout step over the nodes the tracker knows now.
     pub fn roll_out(&self) {
+        // Runs every second: without an active deployment, copying every node's details under
+        // the tracker's lock (10,000 of them in a large fleet) would be all it did.
+        if !self.deployments.any_active() {
+            return;
+        }
         let nodes: Vec<(String, super::tracker::NodeMeta)> = self
             .tracker()
             .nodes()

@@ -20,6 +20,9 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(20);
 pub const ENTRY_TTL: Duration = Duration::from_secs(60);
 /// Most blobs one announcement may carry, and most peers one answer names.
 pub const MAX_HOLDINGS_PER_ANNOUNCE: usize = 4096;
+/// Most blobs the tracker records for one node: what one full announcement may carry, so
+/// partial announcements cannot add up to more.
+pub const MAX_HOLDINGS_PER_NODE: usize = MAX_HOLDINGS_PER_ANNOUNCE;
 pub const MAX_PEERS_PER_ANSWER: usize = 64;
 /// Longest site name, listen address and tag accepted, so one node cannot bloat the tracker.
 const MAX_FIELD_CHARS: usize = 256;
@@ -38,10 +41,125 @@ pub struct NodeMeta {
     pub last_seen: Instant,
 }
 
+/// The holders of one blob: each one's chunks, and their names per site, so that an answer
+/// is sampled in time proportional to its size and not to the holders (10,000 for a fleet-wide
+/// package, asked about by every node of the fleet).
+#[derive(Default)]
+struct Holders {
+    by_name: HashMap<String, HolderEntry>,
+    by_site: HashMap<String, Vec<String>>,
+}
+
+struct HolderEntry {
+    chunks: Bitfield,
+    site: String,
+    /// Where the name sits in `by_site[site]`.
+    slot: usize,
+}
+
+impl Holders {
+    fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    fn contains_key(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    fn get(&self, name: &str) -> Option<&Bitfield> {
+        self.by_name.get(name).map(|entry| &entry.chunks)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &Bitfield)> {
+        self.by_name
+            .iter()
+            .map(|(name, entry)| (name, &entry.chunks))
+    }
+
+    fn insert(&mut self, name: &str, site: &str, chunks: Bitfield) {
+        if let Some(entry) = self.by_name.get_mut(name) {
+            if entry.site == site {
+                entry.chunks = chunks;
+                return;
+            }
+            self.remove(name);
+        }
+        let names = self.by_site.entry(site.to_string()).or_default();
+        names.push(name.to_string());
+        self.by_name.insert(
+            name.to_string(),
+            HolderEntry {
+                chunks,
+                site: site.to_string(),
+                slot: names.len() - 1,
+            },
+        );
+    }
+
+    fn remove(&mut self, name: &str) -> bool {
+        let Some(entry) = self.by_name.remove(name) else {
+            return false;
+        };
+        if let Some(names) = self.by_site.get_mut(&entry.site) {
+            names.swap_remove(entry.slot);
+            if let Some(moved) = names.get(entry.slot) {
+                if let Some(moved) = self.by_name.get_mut(moved) {
+                    moved.slot = entry.slot;
+                }
+            }
+            if names.is_empty() {
+                self.by_site.remove(&entry.site);
+            }
+        }
+        true
+    }
+
+    /// Up to `want` names drawn uniformly at random from the holders of the sites `lists`
+    /// (together), in random order, keeping only those `usable` accepts.
+    fn sample<'a>(
+        lists: &[&'a Vec<String>],
+        want: usize,
+        rng: &mut impl rand::Rng,
+        usable: impl Fn(&str) -> bool,
+    ) -> Vec<&'a String> {
+        let total: usize = lists.iter().map(|names| names.len()).sum();
+        if want == 0 || total == 0 {
+            return Vec::new();
+        }
+        let at = |mut index: usize| -> &'a String {
+            for names in lists {
+                if index < names.len() {
+                    return &names[index];
+                }
+                index -= names.len();
+            }
+            unreachable!("index below the total")
+        };
+        // One more than wanted, for the asker (usually a holder of its own site) to be dropped.
+        let drawn = (want + 1).min(total);
+        let mut picked: Vec<&String> = rand::seq::index::sample(rng, total, drawn)
+            .into_iter()
+            .map(at)
+            .filter(|name| usable(name))
+            .collect();
+        if picked.len() < want && drawn < total {
+            // Distrusted holders were drawn: choose among all the usable ones instead.
+            picked = lists
+                .iter()
+                .flat_map(|names| names.iter())
+                .filter(|name| usable(name))
+                .collect();
+        }
+        let taken = picked.len().min(want);
+        let (chosen, _) = picked.partial_shuffle(rng, taken);
+        chosen.to_vec()
+    }
+}
+
 #[derive(Default)]
 pub struct Tracker {
     nodes: HashMap<String, NodeMeta>,
-    by_blob: HashMap<BlobId, HashMap<String, Bitfield>>,
+    by_blob: HashMap<BlobId, Holders>,
     /// Who reported whom for which blob.
     ban_reports: HashMap<(BlobId, String), BTreeSet<String>>,
     /// Sites behind a thin WAN link: how many of their nodes may fetch from outside the site.
@@ -181,18 +299,54 @@ impl Tracker {
                 ));
             }
         }
+        if !announcement.full {
+            let held = |blob: &BlobId| {
+                self.by_blob
+                    .get(blob)
+                    .is_some_and(|holders| holders.contains_key(node))
+            };
+            let before = self
+                .by_blob
+                .values()
+                .filter(|h| h.contains_key(node))
+                .count();
+            let mut after = before;
+            for holding in &announcement.holdings {
+                match (held(&holding.blob), holding.chunks.count_ones() == 0) {
+                    (false, false) => after += 1,
+                    (true, true) => after = after.saturating_sub(1),
+                    _ => {}
+                }
+            }
+            if after > MAX_HOLDINGS_PER_NODE && after > before {
+                return Err(format!(
+                    "this announcement would record {after} blobs for one node, the limit is \
+                     {MAX_HOLDINGS_PER_NODE}; send a full announcement"
+                ));
+            }
+        }
+        let moved = self
+            .nodes
+            .get(node)
+            .is_some_and(|meta| meta.site != announcement.site);
         if announcement.full {
             for holders in self.by_blob.values_mut() {
                 holders.remove(node);
             }
-            self.by_blob.retain(|_, holders| !holders.is_empty());
+        } else if moved {
+            // A node that changed site keeps what it held, listed under its new site.
+            for holders in self.by_blob.values_mut() {
+                if let Some(chunks) = holders.get(node).cloned() {
+                    holders.insert(node, &announcement.site, chunks);
+                }
+            }
         }
         for holding in announcement.holdings {
             let holders = self.by_blob.entry(holding.blob).or_default();
             if holding.chunks.count_ones() == 0 {
                 holders.remove(node);
             } else {
-                holders.insert(node.to_string(), holding.chunks);
+                holders.insert(node, &announcement.site, holding.chunks);
             }
         }
         self.by_blob.retain(|_, holders| !holders.is_empty());
@@ -254,40 +408,46 @@ impl Tracker {
         rng: &mut impl rand::Rng,
     ) -> Vec<PeerInfo> {
         let max = max.min(MAX_PEERS_PER_ANSWER);
+        // A blob nobody holds has no peers; and asking about it must not record the asker as
+        // a fetcher, or asking about made-up blobs would grow the fetcher table without bound.
+        if !self.by_blob.contains_key(blob) {
+            return Vec::new();
+        }
         // Asking is what makes a node of a WAN-limited site one of its fetchers.
         let may_cross_wan = self.may_cross_wan(blob, asker);
         let Some(holders) = self.by_blob.get(blob) else {
             return Vec::new();
         };
         let asker_site = self.nodes.get(asker).map(|m| m.site.as_str());
-        let mut same: Vec<(&String, &Bitfield, &NodeMeta)> = Vec::new();
-        let mut other: Vec<(&String, &Bitfield, &NodeMeta)> = Vec::new();
-        for (name, chunks) in holders {
-            if name == asker || self.distrusted(blob, name) {
-                continue;
-            }
-            let Some(meta) = self.nodes.get(name) else {
-                continue;
-            };
-            if Some(meta.site.as_str()) == asker_site {
-                same.push((name, chunks, meta));
-            } else if may_cross_wan {
-                other.push((name, chunks, meta));
-            }
+        let usable = |name: &str| {
+            name != asker && self.nodes.contains_key(name) && !self.distrusted(blob, name)
+        };
+        // A random sample of the same-site holders (all of them when they are fewer than
+        // `max`), then a random sample of the other sites' holders for the rest.
+        let same: Vec<&Vec<String>> = asker_site
+            .and_then(|site| holders.by_site.get(site))
+            .into_iter()
+            .collect();
+        let mut chosen = Holders::sample(&same, max, rng, usable);
+        if may_cross_wan && chosen.len() < max {
+            let other: Vec<&Vec<String>> = holders
+                .by_site
+                .iter()
+                .filter(|(site, _)| Some(site.as_str()) != asker_site)
+                .map(|(_, names)| names)
+                .collect();
+            chosen.extend(Holders::sample(&other, max - chosen.len(), rng, usable));
         }
-        // A partial shuffle picks `max` uniformly at random, in random order, without shuffling
-        // the thousands of holders a large fleet has.
-        let same_taken = same.len().min(max);
-        let other_taken = other.len().min(max - same_taken);
-        let (same, _) = same.partial_shuffle(rng, same_taken);
-        let (other, _) = other.partial_shuffle(rng, other_taken);
-        same.iter()
-            .chain(other.iter())
-            .map(|(name, chunks, meta)| PeerInfo {
-                node: (*name).clone(),
-                listen: meta.listen.clone(),
-                site: meta.site.clone(),
-                chunks: Some((*chunks).clone()),
+        chosen
+            .into_iter()
+            .filter_map(|name| {
+                let meta = self.nodes.get(name)?;
+                Some(PeerInfo {
+                    node: name.clone(),
+                    listen: meta.listen.clone(),
+                    site: meta.site.clone(),
+                    chunks: holders.get(name).cloned(),
+                })
             })
             .collect()
     }
@@ -370,6 +530,7 @@ mod tests {
     use super::*;
     use pkgmesh_protocol::wire::Holding;
     use rand::SeedableRng;
+    use std::collections::BTreeMap;
 
     const BLOB: BlobId = BlobId([1; 32]);
     const SIZE: u64 = 10 * 256 * 1024;
@@ -477,6 +638,137 @@ mod tests {
             .all(|h| h.node != "victim"));
         // Only for that blob.
         assert!(!tracker.distrusted(&BlobId([2; 32]), "victim"));
+    }
+
+    #[test]
+    fn partial_announcements_cannot_record_more_blobs_than_a_full_one_may_carry() {
+        let mut tracker = Tracker::new();
+        let now = Instant::now();
+        let holding = |i: usize| {
+            let mut chunks = Bitfield::new(10).unwrap();
+            chunks.set(0, true);
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            Holding {
+                blob: BlobId(id),
+                size: SIZE,
+                chunks,
+            }
+        };
+        let partial = |range: std::ops::Range<usize>| Announcement {
+            listen: "127.0.0.1:7000".into(),
+            site: "s".into(),
+            tags: Vec::new(),
+            full: false,
+            holdings: range.map(holding).collect(),
+        };
+        tracker
+            .announce("a", partial(0..MAX_HOLDINGS_PER_NODE), now)
+            .unwrap();
+        // Re-announcing what is held adds nothing and is accepted.
+        tracker.announce("a", partial(0..10), now).unwrap();
+        let error = tracker
+            .announce(
+                "a",
+                partial(MAX_HOLDINGS_PER_NODE..MAX_HOLDINGS_PER_NODE + 1),
+                now,
+            )
+            .unwrap_err();
+        assert!(error.contains("limit"), "{error}");
+        let last = holding(MAX_HOLDINGS_PER_NODE);
+        assert!(tracker.holders(&last.blob, now).is_empty());
+        // Other nodes are not limited by it, and a full announcement starts over.
+        tracker
+            .announce(
+                "b",
+                partial(MAX_HOLDINGS_PER_NODE..MAX_HOLDINGS_PER_NODE + 1),
+                now,
+            )
+            .unwrap();
+        let mut full = partial(MAX_HOLDINGS_PER_NODE..MAX_HOLDINGS_PER_NODE + 1);
+        full.full = true;
+        tracker.announce("a", full, now).unwrap();
+        assert_eq!(tracker.holders(&last.blob, now).len(), 2);
+        assert!(tracker.holders(&holding(0).blob, now).is_empty());
+    }
+
+    #[test]
+    fn answers_are_samples_of_the_current_holders_same_site_first() {
+        let mut tracker = Tracker::new();
+        let now = Instant::now();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // 100 holders in "big", 10 in "small", 50 in "far".
+        let mut names = Vec::new();
+        for (site, count) in [("big", 100), ("small", 10), ("far", 50)] {
+            for i in 0..count {
+                let name = format!("{site}-{i}");
+                tracker
+                    .announce(&name, announcement(site, &[0]), now)
+                    .unwrap();
+                names.push(name);
+            }
+        }
+        let distinct = |peers: &[PeerInfo]| {
+            let set: std::collections::BTreeSet<&str> =
+                peers.iter().map(|p| p.node.as_str()).collect();
+            set.len() == peers.len()
+        };
+        let peers = tracker.peers(&BLOB, "big-0", 32, &mut rng);
+        assert_eq!(peers.len(), 32);
+        assert!(distinct(&peers));
+        assert!(peers.iter().all(|p| p.site == "big" && p.node != "big-0"));
+        let peers = tracker.peers(&BLOB, "small-0", 32, &mut rng);
+        assert_eq!(peers.len(), 32);
+        assert!(distinct(&peers));
+        assert!(peers[..9].iter().all(|p| p.site == "small"));
+        assert!(peers[9..].iter().all(|p| p.site != "small"));
+        assert!(peers.iter().all(|p| p.node != "small-0"));
+
+        // Holders leave (an empty full announcement) or move site; every answer names only
+        // current holders with their current site, and over many answers every one of them.
+        let mut leaving = names.clone();
+        leaving.shuffle(&mut rng);
+        let (gone, stay) = leaving.split_at(80);
+        for name in gone {
+            let mut empty = announcement("big", &[]);
+            empty.holdings.clear();
+            tracker.announce(name, empty, now).unwrap();
+        }
+        let mut current: BTreeMap<String, String> = stay
+            .iter()
+            .map(|name| (name.clone(), name.split('-').next().unwrap().to_string()))
+            .collect();
+        for name in stay.iter().take(5) {
+            tracker
+                .announce(name, announcement("far", &[0]), now)
+                .unwrap();
+            current.insert(name.clone(), "far".into());
+        }
+        let mut seen = BTreeMap::new();
+        for _ in 0..200 {
+            for peer in tracker.peers(&BLOB, "outsider", 32, &mut rng) {
+                assert_eq!(current.get(&peer.node), Some(&peer.site), "{}", peer.node);
+                seen.insert(peer.node, peer.site);
+            }
+        }
+        assert_eq!(seen, current);
+    }
+
+    #[test]
+    fn asking_for_peers_of_a_blob_nobody_holds_records_no_fetcher() {
+        let mut tracker = Tracker::new();
+        tracker.set_wan_fetchers("edge", 1);
+        let now = Instant::now();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        tracker
+            .announce("edge-a", announcement("edge", &[]), now)
+            .unwrap();
+        for i in 0..100u8 {
+            let unknown = BlobId([i.wrapping_add(100); 32]);
+            assert!(tracker.peers(&unknown, "edge-a", 10, &mut rng).is_empty());
+            assert!(tracker.site_fetchers(&unknown, "edge").is_empty());
+        }
+        assert!(tracker.assigned_fetchers.is_empty());
     }
 
     #[test]

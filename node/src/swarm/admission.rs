@@ -124,32 +124,38 @@ impl Admission {
                     .collect()
             })
             .unwrap_or_default();
-        let others = holders.iter().filter(|h| h.node != asker);
-        let mut same_site: Vec<String> = Vec::new();
-        let mut other_site: Vec<String> = Vec::new();
-        for holder in others {
-            let list = if holder.site == asker_site {
-                &mut same_site
+        // Holders before nodes that will hold it soon, the asker's site before others; within
+        // each group a pick of its own for every asker, so that thousands asking for one chunk
+        // at once are spread over all its holders, not sent to the tracker's first few.
+        let pick = ask_key(asker, index);
+        let mut peers: Vec<&str> = Vec::with_capacity(MAX_REDIRECT_PEERS);
+        let mut same_site_seen = false;
+        let mut other_site_seen = false;
+        for local in [true, false] {
+            let mut held: Vec<&str> = holders
+                .iter()
+                .filter(|h| h.node != asker && (h.site == asker_site) == local)
+                .map(|h| h.node.as_str())
+                .collect();
+            let mut soon: Vec<&str> = recent
+                .iter()
+                .filter(|r| (r.site == asker_site) == local && !held.contains(&r.node.as_str()))
+                .map(|r| r.node.as_str())
+                .collect();
+            let seen = !held.is_empty() || !soon.is_empty();
+            if local {
+                same_site_seen = seen;
             } else {
-                &mut other_site
-            };
-            list.push(holder.node.clone());
-        }
-        // A node the seed just served will hold the chunk in a moment: count it as a holder,
-        // after the ones that hold it already.
-        for serve in &recent {
-            let list = if serve.site == asker_site {
-                &mut same_site
-            } else {
-                &mut other_site
-            };
-            if !list.contains(&serve.node) {
-                list.push(serve.node.clone());
+                other_site_seen = seen;
+            }
+            for group in [&mut held, &mut soon] {
+                let room = MAX_REDIRECT_PEERS - peers.len();
+                spread(group, room, pick);
+                peers.extend(group.iter().take(room));
             }
         }
-        let crosses_wan = same_site.is_empty() && !other_site.is_empty();
-        let mut peers = same_site;
-        peers.extend(other_site);
+        let peers: Vec<String> = peers.into_iter().map(str::to_string).collect();
+        let crosses_wan = !same_site_seen && other_site_seen;
         if crosses_wan {
             // The asker will hold it in a moment, and is the first of its site to: the next
             // askers of its site are sent to it rather than across their WAN link too.
@@ -160,7 +166,6 @@ impl Admission {
             self.stats.served += 1;
             return Decision::Serve;
         }
-        peers.truncate(MAX_REDIRECT_PEERS);
         self.stats.redirected += 1;
         Decision::Redirect(peers)
     }
@@ -192,6 +197,33 @@ impl Admission {
     /// Chunks with a serve still inside the window (for tests and metrics).
     pub fn remembered(&self) -> usize {
         self.recent.len()
+    }
+}
+
+/// A number of its own for one asker and chunk (FNV-1a, then a mixer): stable across runs, so
+/// the seed's answers are reproducible, and different for every asker.
+fn ask_key(asker: &str, index: u32) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in asker.bytes().chain(index.to_le_bytes()) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    mix(hash)
+}
+
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Moves a pick of `wanted` entries, chosen by `key`, to the front of `list` (a partial
+/// Fisher-Yates shuffle: as many steps as entries wanted, whatever the list's length).
+fn spread(list: &mut [&str], wanted: usize, key: u64) {
+    let mut state = key;
+    for i in 0..wanted.min(list.len()) {
+        state = mix(state.wrapping_add(0x9e37_79b9_7f4a_7c15));
+        let j = i + (state % (list.len() - i) as u64) as usize;
+        list.swap(i, j);
     }
 }
 
@@ -346,5 +378,44 @@ mod tests {
             }
         }
         assert!(served.iter().all(|&n| n == 1), "{served:?}");
+    }
+
+    #[test]
+    fn askers_of_one_chunk_are_spread_over_all_its_holders_same_site_first() {
+        let mut admission = Admission::new(DEFAULT_RECENT_WINDOW);
+        let now = Instant::now();
+        let mut holders: Vec<Holder> = (0..100).map(|i| holder(&format!("a{i}"), "A")).collect();
+        holders.extend((0..100).map(|i| holder(&format!("b{i}"), "B")));
+        let mut named: HashMap<String, u32> = HashMap::new();
+        for asker in 0..1000 {
+            let name = format!("asker{asker}");
+            let decision =
+                admission.decide(&ask(BLOB, 0, &name, "A", false), &holders, |_| true, now);
+            let Decision::Redirect(peers) = decision else {
+                panic!("{name} was served while 200 nodes hold the chunk");
+            };
+            assert_eq!(peers.len(), MAX_REDIRECT_PEERS);
+            assert!(peers.iter().all(|p| p.starts_with('a')), "{peers:?}");
+            let mut unique = peers.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), peers.len(), "a holder named twice: {peers:?}");
+            // The same ask gets the same answer: reproducible, not a fresh draw.
+            let again = admission.decide(&ask(BLOB, 0, &name, "A", false), &holders, |_| true, now);
+            assert_eq!(again, Decision::Redirect(peers.clone()));
+            for peer in peers {
+                *named.entry(peer).or_default() += 1;
+            }
+        }
+        // 8,000 names over 100 same-site holders: 80 each on average. The tracker's order would
+        // have sent all 1,000 askers to the same eight.
+        assert_eq!(
+            named.len(),
+            100,
+            "holders never named: {}",
+            100 - named.len()
+        );
+        let most = named.values().copied().max().unwrap_or(0);
+        assert!(most < 160, "one holder named {most} times");
     }
 }
