@@ -721,7 +721,13 @@ fn hard_links_come_out_as_separate_regular_files_never_as_links() {
         raw.windows(link.len()).any(|w| w == link),
         "the extra field was not written"
     );
-    let before = snapshot(&s.parent());
+    let outside_staging = || -> BTreeMap<PathBuf, (u64, u32)> {
+        snapshot(&s.parent())
+            .into_iter()
+            .filter(|(path, _)| !path.starts_with("staging"))
+            .collect()
+    };
+    let before = outside_staging();
     extract_zip(&zip, &s.staging(), &ZipLimits::default()).unwrap();
     let meta = std::fs::symlink_metadata(s.staging().join("hardlink")).unwrap();
     assert!(meta.file_type().is_file());
@@ -732,15 +738,11 @@ fn hard_links_come_out_as_separate_regular_files_never_as_links() {
     );
     assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
     assert_eq!(std::fs::metadata(&target).unwrap().nlink(), 1);
-    let after: BTreeMap<_, _> = snapshot(&s.parent())
-        .into_iter()
-        .filter(|(path, _)| !path.starts_with("staging"))
-        .collect();
-    let before: BTreeMap<_, _> = before
-        .into_iter()
-        .filter(|(path, _)| !path.starts_with("staging"))
-        .collect();
-    assert_eq!(before, after, "something outside staging changed");
+    assert_eq!(
+        before,
+        outside_staging(),
+        "something outside staging changed"
+    );
 }
 
 #[test]
