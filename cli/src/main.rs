@@ -83,9 +83,24 @@ enum Command {
     NodeAudit(commands::local::NodeAuditArgs),
 }
 
+/// Rust ignores SIGPIPE, so a write to a closed pipe (`pkgmesh cache ls | head -1`) fails and
+/// `println!` panics. A one-shot command ends quietly instead, as Unix tools do. The daemons keep
+/// ignoring it: a reader of their ready line going away must not stop a seed or a node.
+fn die_quietly_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: restoring a signal's default disposition before any thread is started has no
+    // memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     pkgmesh_node::transport::install_crypto_provider();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Seed(_) | Command::Node(_)) {
+        die_quietly_on_closed_stdout();
+    }
     init_logging();
     let result = match cli.command {
         Command::Manifest(command) => commands::manifest::run(command),

@@ -2,10 +2,30 @@
 
 use serde::Serialize;
 
-/// Prints `value` as one JSON object on one line of stdout.
+/// Prints `value` as one JSON object on one line of stdout; a failed write is an error, not a
+/// panic.
 pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(value)?);
-    Ok(())
+    use anyhow::Context;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(value)?)
+        .and_then(|()| out.flush())
+        .context("cannot write to standard output")
+}
+
+/// A daemon's ready line: JSON for `--json`, else `text`. Whoever started the daemon may have
+/// stopped reading; the daemon runs on and says so in its log instead of failing.
+pub fn print_ready_line(json: bool, value: &serde_json::Value, text: &str) {
+    use std::io::Write;
+    let line = if json {
+        value.to_string()
+    } else {
+        text.to_string()
+    };
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        tracing::warn!(%error, "cannot print the ready line on standard output; running on");
+    }
 }
 
 /// Prints rows as left-aligned columns under a header.

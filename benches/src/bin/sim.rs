@@ -73,6 +73,8 @@ struct Args {
     #[arg(long)]
     ask_for_peers_interval_s: Option<f64>,
     #[arg(long)]
+    remote_holdings_interval_s: Option<f64>,
+    #[arg(long)]
     min_useful_peers: Option<usize>,
     #[arg(long)]
     max_peers_in_use: Option<usize>,
@@ -82,6 +84,12 @@ struct Args {
     max_redirects_waiting: Option<u32>,
     #[arg(long)]
     give_up_after_refusals: Option<u32>,
+    #[arg(long)]
+    refused_backoff_s: Option<f64>,
+    #[arg(long)]
+    endgame_threshold: Option<u32>,
+    #[arg(long)]
+    not_yet_retry_s: Option<f64>,
 }
 
 fn main() {
@@ -89,6 +97,9 @@ fn main() {
     let mut scheduler = pkgmesh_node::swarm::scheduler::SchedulerConfig::default();
     if let Some(s) = args.ask_for_peers_interval_s {
         scheduler.ask_for_peers_interval = Duration::from_secs_f64(s);
+    }
+    if let Some(s) = args.remote_holdings_interval_s {
+        scheduler.remote_holdings_interval = Duration::from_secs_f64(s);
     }
     if let Some(n) = args.min_useful_peers {
         scheduler.min_useful_peers = n;
@@ -98,6 +109,15 @@ fn main() {
     }
     if let Some(w) = args.recent_window_s {
         scheduler.seed.redirect_patience = Duration::from_secs_f64(w);
+    }
+    if let Some(s) = args.refused_backoff_s {
+        scheduler.refused_backoff = Duration::from_secs_f64(s);
+    }
+    if let Some(n) = args.endgame_threshold {
+        scheduler.endgame_threshold = n;
+    }
+    if let Some(s) = args.not_yet_retry_s {
+        scheduler.seed.not_yet_retry = Duration::from_secs_f64(s);
     }
     if let Some(n) = args.give_up_after_refusals {
         scheduler.give_up_after_refusals = n;

@@ -11,7 +11,7 @@ use pkgmesh_node::peer::{self, NodeSettings};
 use super::platform::PlatformSource;
 use super::seed::wait_for_shutdown_signal;
 use crate::mesh::{load_identity, resolve, runtime};
-use crate::output::print_json;
+use crate::output::print_ready_line;
 
 #[derive(Args)]
 pub struct NodeArgs {
@@ -150,19 +150,19 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     settings.metrics_listen = args.metrics_listen.as_deref().map(resolve).transpose()?;
     runtime()?.block_on(async move {
         let running = peer::start(settings).await?;
-        if args.json {
-            print_json(&serde_json::json!({
+        print_ready_line(
+            args.json,
+            &serde_json::json!({
                 "listening": running.local_addr.to_string(),
                 "site": running.state.settings.site,
                 "admin_socket": running.state.settings.admin_socket,
                 "metrics": running.metrics_addr.map(|a| a.to_string()),
-            }))?;
-        } else {
-            println!(
+            }),
+            &format!(
                 "node listening on {} (site {})",
                 running.local_addr, running.state.settings.site
-            );
-        }
+            ),
+        );
         wait_for_shutdown_signal().await;
         running.shutdown().await;
         Ok(ExitCode::SUCCESS)

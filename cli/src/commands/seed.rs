@@ -10,7 +10,7 @@ use pkgmesh_node::config::{self, SeedFile};
 use pkgmesh_node::seed::{self, SeedSettings};
 
 use crate::mesh::{load_identity, resolve, runtime};
-use crate::output::print_json;
+use crate::output::print_ready_line;
 
 #[derive(Args)]
 pub struct SeedArgs {
@@ -121,19 +121,19 @@ pub fn run(args: SeedArgs) -> anyhow::Result<ExitCode> {
     settings.metrics_listen = args.metrics_listen.as_deref().map(resolve).transpose()?;
     runtime()?.block_on(async move {
         let running = seed::start(settings).await?;
-        if args.json {
-            print_json(&serde_json::json!({
+        print_ready_line(
+            args.json,
+            &serde_json::json!({
                 "listening": running.local_addr.to_string(),
                 "origin": running.state.origin.url(),
                 "metrics": running.metrics_addr.map(|a| a.to_string()),
-            }))?;
-        } else {
-            println!(
+            }),
+            &format!(
                 "seed listening on {} (origin {})",
                 running.local_addr,
                 running.state.origin.url()
-            );
-        }
+            ),
+        );
         wait_for_shutdown_signal().await;
         running.shutdown().await;
         Ok(ExitCode::SUCCESS)

@@ -137,6 +137,7 @@ async fn fetch_pinned(
         fatal: fatal_tx,
         banned: Vec::new(),
         seed_unavailable: Arc::new(std::sync::Mutex::new(HashMap::new())),
+        asking_for_peers: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
     let publish = |scheduler: &Scheduler, driver: &Driver, state: TransferState| {
         let bytes = scheduler.bytes();
@@ -160,8 +161,8 @@ async fn fetch_pinned(
     };
     publish(&scheduler, &driver, TransferState::Running);
     let mut last_published = Instant::now();
-    // Discovery first, so chunks peers hold are not taken from the seed.
-    driver.ask_for_peers();
+    // The scheduler's first action is `AskForPeers`, and it leaves the seed alone until that
+    // is answered (or its grace passes), so chunks peers hold are not taken from the seed.
     loop {
         let now = Instant::now();
         let mut done = false;
@@ -351,6 +352,9 @@ struct Driver {
     banned: Vec<String>,
     /// Per chunk, how often the seed answered that it cannot provide it.
     seed_unavailable: Arc<std::sync::Mutex<HashMap<u32, u32>>>,
+    /// A `GetPeers` is on its way: a slow tracker gets one ask per fetch at a time, not a
+    /// pile of them (the scheduler asks every second while it knows few useful peers).
+    asking_for_peers: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Driver {
@@ -392,6 +396,11 @@ impl Driver {
     }
 
     fn ask_for_peers(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.asking_for_peers.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let asking = self.asking_for_peers.clone();
         let state = self.state.clone();
         let events = self.events.clone();
         let addresses = self.addresses.clone();
@@ -422,6 +431,7 @@ impl Driver {
                 }
             };
             let candidates = candidates(&state, &addresses, peers).await;
+            asking.store(false, Ordering::Release);
             let _ = events.send(Event::PeersDiscovered(candidates));
         });
     }
