@@ -114,26 +114,39 @@ fn demo_runs_a_fleet_and_installs_everywhere_with_origin_offload() {
     assert!(from_peers > 0, "{report:#}");
 }
 
+/// `pkgmesh blob hash [--json] PATH` with standard output going to `stdout`.
+fn blob_hash_into(
+    stdout: impl Into<std::process::Stdio>,
+    json: bool,
+    path: &std::path::Path,
+) -> std::process::Output {
+    let mut command = std::process::Command::new(pkgmesh_tests::pkgmesh());
+    command.args(["blob", "hash"]);
+    if json {
+        command.arg("--json");
+    }
+    command
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}
+
 /// Standard output that cannot be written: a reader that went away (`pkgmesh ... | head`) ends
 /// the command by SIGPIPE, as Unix tools end, and a full device is an error naming stdout.
 /// Neither is a panic.
 #[test]
 fn an_unwritable_stdout_ends_the_command_without_a_panic() {
     use std::os::unix::process::ExitStatusExt;
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("payload.bin");
     std::fs::write(&path, b"some bytes").unwrap();
 
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let output = Command::new(pkgmesh_tests::pkgmesh())
-        .args(["blob".as_ref(), "hash".as_ref(), path.as_os_str()])
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let output = blob_hash_into(writer, false, &path);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{output:?}");
@@ -142,18 +155,7 @@ fn an_unwritable_stdout_ends_the_command_without_a_panic() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let output = Command::new(pkgmesh_tests::pkgmesh())
-        .args([
-            "blob".as_ref(),
-            "hash".as_ref(),
-            "--json".as_ref(),
-            path.as_os_str(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(full)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let output = blob_hash_into(full, true, &path);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(output.status.code(), Some(1), "{stderr}");
